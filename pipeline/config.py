@@ -1,0 +1,174 @@
+"""The pipeline configuration: YAML file or named profile, then dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from narvl_model.config import PRESETS, ModelConfig
+from stages.config import (
+    TASKS,
+    BenchmarkConfig,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    NARTrainConfig,
+    ResourcesConfig,
+    Strict,
+    Task,
+    TrainConfig,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+Ablation = Literal["ce", "no_kd", "encoder_input"]
+
+# Longest target (words / tokens) the built-in benchmark produces per task, plus EOS. Q-CTC needs
+# num_queries >= target length + repeats; BPE may split a word, so the real check also runs on the
+# tokenised training split (train_nar counts and reports infeasible targets).
+SHAPES_MIN_QUERIES: dict[str, int] = {"caption": 17, "vqa": 4, "grounding": 5, "entailment": 2}
+
+
+class ModelSection(Strict):
+    """A preset name plus field overrides, e.g. {preset: cpu-tiny, d_model: 96}."""
+
+    preset: str = "cpu-tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("preset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown model preset {v!r}; choose one of {sorted(PRESETS)}")
+        return v
+
+    def build(self, **extra) -> ModelConfig:
+        return ModelConfig.from_name(self.preset, **{**self.overrides, **extra})
+
+
+class PipelineConfig(Strict):
+    name: str = "narvl"
+    profile: str = "custom"
+    seed: int = 0
+    tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    train_teacher: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    train_nar: NARTrainConfig = NARTrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    ablations: list[Ablation] = Field(default_factory=list)
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if not self.tasks:
+            raise ValueError("tasks: at least one of " + ", ".join(TASKS))
+        self.model.build()  # the model section must build on its own
+        if self.data.source == "shapes":
+            for task in self.tasks:
+                n, need = self.train_nar.num_queries.get(task), SHAPES_MIN_QUERIES[task]
+                if n is None:
+                    raise ValueError(f"train_nar.num_queries has no entry for task {task!r}")
+                if self.train_nar.loss == "qctc" and n < need:
+                    raise ValueError(
+                        f"train_nar.num_queries.{task}={n} is too small: the built-in benchmark's longest {task} "
+                        f"target needs at least {need} queries for Q-CTC (target length + EOS + repeats)"
+                    )
+        if self.model.build().image_size != self.data.image_size:
+            raise ValueError(
+                f"model image_size={self.model.build().image_size} differs from data.image_size="
+                f"{self.data.image_size}; set model.overrides.image_size or data.image_size to match"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the field and the fix."""
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars/lists/dicts; nothing is evaluated as code.
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict (values parsed as YAML)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train_nar.lr=1e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def profile_path(profile: str) -> Path:
+    path = CONFIG_DIR / "pipelines" / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_DIR / "pipelines").glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(known)}")
+    return path
+
+
+def load_config(path: str | Path | None = None, profile: str | None = None,
+                overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline config from a YAML file (or a named profile, default 'default') and overrides."""
+    if path is None:
+        path = profile_path(profile or "default")
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig(**data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {err['msg']}{got_s}")
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+
+
+def config_to_yaml(cfg: PipelineConfig | Strict) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def cache_dict(cfg: Strict) -> dict:
+    """The config as a dict without fields marked cache=False (they do not change results)."""
+    out = {}
+    for name, field in type(cfg).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("cache") is False:
+            continue
+        value = getattr(cfg, name)
+        out[name] = cache_dict(value) if isinstance(value, Strict) else _jsonable(value)
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Strict):
+        return cache_dict(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v

@@ -1,0 +1,174 @@
+"""Typed, strict configuration of every stage.
+
+Fields marked `cache=False` (via `NoCache`) do not change results and stay out of the stage cache key.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from narvl_model.config import ModelConfig
+
+Task = Literal["caption", "vqa", "grounding", "entailment"]
+TASKS: tuple[Task, ...] = ("caption", "vqa", "grounding", "entailment")
+NoCache = {"cache": False}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    """Where samples come from and how they are sharded and tokenised."""
+
+    source: Literal["shapes", "shards"] = "shapes"
+    shards_dir: str | None = Field(None, description="with source=shards: a folder from `narvl data convert`")
+    image_size: int = Field(64, ge=32, le=1024)
+    train_per_task: int = Field(2000, gt=0)
+    val_per_task: int = Field(200, gt=0)
+    test_per_task: int = Field(200, gt=0)
+    samples_per_shard: int = Field(512, gt=0)
+    max_objects: int = Field(4, ge=1, le=4)
+    seed: int = 0
+    bpe_vocab_size: int = Field(1000, ge=64, description="BPE merges target size (before bins and specials)")
+    num_bins: int = Field(64, ge=2, description="location tokens <bin_0>..<bin_{B-1}> (OFA: 1000)")
+    tokenizer: Literal["bpe", "ofa"] = "bpe"
+    ofa_bpe_dir: str | None = Field(None, description="with tokenizer=ofa: folder with encoder.json, vocab.bpe, dict.txt")
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source == "shards" and not self.shards_dir:
+            raise ValueError("data.source=shards needs data.shards_dir (a folder written by `narvl data convert`)")
+        if self.tokenizer == "ofa" and not self.ofa_bpe_dir:
+            raise ValueError("data.tokenizer=ofa needs data.ofa_bpe_dir (encoder.json, vocab.bpe, dict.txt)")
+        return self
+
+
+class TrainConfig(Strict):
+    """One training loop for the AR teacher and the NARVL student (Ray Train + DeepSpeed)."""
+
+    max_steps: int = Field(200, gt=0, description="optimizer steps")
+    batch_size: int = Field(32, gt=0, description="per worker, per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    clip_grad: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: bool = False
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_every: int = Field(100, gt=0)
+    val_every: int = Field(100, gt=0)
+    max_failures: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    loader_workers: Annotated[int, Field(0, ge=0, json_schema_extra=NoCache)]
+    log_every: Annotated[int, Field(10, gt=0, json_schema_extra=NoCache)]
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision=fp16 needs use_gpu=true; use fp32 (or bf16) on CPU")
+        return self
+
+
+class NARTrainConfig(TrainConfig):
+    loss: Literal["qctc", "ce"] = "qctc"
+    num_queries: dict[Task, int] = Field(
+        default_factory=lambda: {"caption": 24, "vqa": 6, "grounding": 5, "entailment": 2},
+        description="LQT count per task (paper: caption 20, vqa 6, grounding 5, entailment 2)",
+    )
+    kd: bool = Field(True, description="train on the teacher's decodes (knowledge distillation)")
+    decoder_input: Literal["queries", "encoder"] = "queries"
+    init_from_teacher: bool = True
+    label_smoothing_by_task: dict[Task, float] = Field(default_factory=lambda: {"entailment": 0.0})
+
+    @model_validator(mode="after")
+    def _check_queries(self) -> NARTrainConfig:
+        for task, n in self.num_queries.items():
+            if n < 1:
+                raise ValueError(f"train_nar.num_queries.{task}={n}: must be >= 1")
+        return self
+
+
+class DistillConfig(Strict):
+    beam_size: int = Field(5, ge=1)
+    max_len: int = Field(24, ge=1)
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    no_repeat_ngram: int = Field(3, ge=0)
+
+
+class EvalConfig(Strict):
+    split: Literal["val", "test"] = "test"
+    ar_beam_size: int = Field(5, ge=1)
+    ar_max_len: int = Field(24, ge=1)
+    no_repeat_ngram: int = Field(3, ge=0, description="AR caption search only (OFA: 3)")
+    nar_decode: Literal["greedy", "beam"] = "greedy"
+    nar_beam_size: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, gt=0)
+
+
+class BenchmarkConfig(Strict):
+    num_samples: int = Field(50, ge=2, description="batch-1 samples timed; the first is dropped (warm-up)")
+    ar_beam_size: int = Field(5, ge=1)
+    ar_max_len: int = Field(24, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [32, 64])
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's)")
+
+
+class ResourcesConfig(Strict):
+    """Ray resources per stage task (training workers take their own from train_*.num_workers)."""
+
+    cpus_per_task: float = Field(1.0, ge=0)
+    gpus_per_task: float = Field(0.0, ge=0)
+    max_concurrent_tasks: int = Field(2, ge=1)
+
+
+# ---- what each stage receives (the pipeline builds these from PipelineConfig; their cache_dict is the key) ----
+class PrepareDataStage(Strict):
+    task: Task
+    data: DataConfig
+
+
+class TrainStage(Strict):
+    """train_teacher: the AR model."""
+
+    task: Task
+    seed: int = 0
+    model: ModelConfig
+    train: TrainConfig
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+class TrainNARStage(Strict):
+    """train_nar: NARVL fine-tuned from the teacher (num_queries / loss / kd / decoder_input in `train`)."""
+
+    task: Task
+    seed: int = 0
+    model: ModelConfig
+    train: NARTrainConfig
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+class DistillStage(Strict):
+    task: Task
+    distill: DistillConfig
+
+
+class EvaluateStage(Strict):
+    task: Task
+    kind: Literal["ar", "narvl"]
+    eval: EvalConfig
+
+
+class BenchmarkStage(Strict):
+    task: Task
+    benchmark: BenchmarkConfig
