@@ -1,0 +1,47 @@
+"""Visual entailment (SNLI-VE) accuracy: the decoded label word against the gold label (yes / maybe / no)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+LABELS = ("yes", "maybe", "no")
+SNLI_TO_LABEL = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
+
+
+def snli_ve_label(label: str) -> str:
+    """SNLI-VE gold label (entailment / neutral / contradiction) -> the answer word OFA trains on."""
+    key = label.strip().lower()
+    if key in SNLI_TO_LABEL:
+        return SNLI_TO_LABEL[key]
+    if key in LABELS:
+        return key
+    raise ValueError(f"unknown SNLI-VE label {label!r}; expected one of {sorted(SNLI_TO_LABEL)} or {LABELS}")
+
+
+def entailment_metrics(
+    pred_labels: Mapping[Hashable, str], gold_labels: Mapping[Hashable, str]
+) -> dict[str, float]:
+    """Accuracy overall and per gold class.
+
+    Predictions are compared after strip() + lower(); any word other than yes / maybe / no, and any id without
+    a prediction, counts as wrong. Gold labels may be SNLI names or the answer words.
+
+    Returns:
+        {"accuracy", "acc_yes", "acc_maybe", "acc_no", "n"}; a per-class accuracy is NaN when that class has
+        no gold example.
+    """
+    if not gold_labels:
+        raise ValueError("entailment_metrics: no gold labels")
+    correct = dict.fromkeys(LABELS, 0)
+    total = dict.fromkeys(LABELS, 0)
+    for key, gold in gold_labels.items():
+        gold_word = snli_ve_label(gold)
+        pred = pred_labels.get(key)
+        total[gold_word] += 1
+        correct[gold_word] += pred is not None and pred.strip().lower() == gold_word
+    n = sum(total.values())
+    result: dict[str, float] = {"accuracy": sum(correct.values()) / n}
+    for label in LABELS:
+        result[f"acc_{label}"] = correct[label] / total[label] if total[label] else float("nan")
+    result["n"] = n
+    return result
