@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from narvl_model.config import PRESETS, ModelConfig
 from stages.config import (
@@ -152,20 +152,23 @@ def config_to_yaml(cfg: PipelineConfig | Strict) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def cache_dict(cfg: Strict) -> dict:
-    """The config as a dict without fields marked cache=False (they do not change results)."""
+def cache_dict(cfg: BaseModel) -> dict:
+    """The config as a dict without fields marked cache=False (they do not change results).
+
+    Recurses into every pydantic model (ModelConfig is not a Strict), lists, tuples and dicts.
+    """
     out = {}
     for name, field in type(cfg).model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if extra.get("cache") is False:
             continue
         value = getattr(cfg, name)
-        out[name] = cache_dict(value) if isinstance(value, Strict) else _jsonable(value)
+        out[name] = _jsonable(value)
     return out
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, Strict):
+    if isinstance(v, BaseModel):
         return cache_dict(v)
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]

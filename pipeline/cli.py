@@ -1,0 +1,304 @@
+"""The `narvl` command line: run / plan the pipeline, show configs, make data, compare runs.
+
+Errors the user can fix (a bad config, a missing cached input, a bad data source) print one red message and exit
+with code 2, without a traceback. A run with failed stages exits with code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, PipelineConfig, config_to_yaml, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="NARVL: non-autoregressive vision-language models as a Ray / MLflow pipeline.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect pipeline configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Make datasets: the built-in benchmark or converted real data.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="configs/pipelines/<profile>.yaml")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="a pipeline YAML file")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train_nar.max_steps=100")]
+RootOpt = Annotated[Path, typer.Option("--root", help="artifact root (stage cache, mlflow.db, runs/)")]
+TasksOpt = Annotated[str | None, typer.Option("--tasks", help="comma-separated subset, e.g. caption,vqa")]
+ForceOpt = Annotated[list[str] | None, typer.Option("--force", help="rerun this stage and its descendants")]
+OnlyOpt = Annotated[str | None, typer.Option("--only", help="run only this stage, from cached inputs")]
+UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default sqlite:///<root>/mlflow.db)")]
+DEFAULT_ROOT = Path("artifacts")
+
+
+def _err(msg: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.dag import PipelineError
+
+    errors: list[type[BaseException]] = [ConfigError, PipelineError]
+    try:
+        from stages.converters import ConversionError
+
+        errors.append(ConversionError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run fn; user-fixable errors become a red message and exit code 2."""
+    try:
+        return fn()
+    except _user_errors() as e:
+        raise _err(str(e)) from None
+
+
+def _load(profile: str | None, config: Path | None, overrides: list[str] | None, tasks: str | None = None
+          ) -> PipelineConfig:
+    if profile and config:
+        raise ConfigError("give either --profile or --config, not both")
+    overrides = list(overrides or [])
+    if tasks:
+        overrides.append(f"tasks=[{','.join(t.strip() for t in tasks.split(',') if t.strip())}]")
+    return load_config(path=config, profile=profile, overrides=overrides)
+
+
+# ---- run / plan ------------------------------------------------------------------------------------------
+@app.command()
+def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: OverridesArg = None,
+        root: RootOpt = DEFAULT_ROOT,
+        address: Annotated[str | None, typer.Option(help="join a Ray cluster (or RAY_ADDRESS)")] = None,
+        tracking_uri: UriOpt = None, force: ForceOpt = None, only: OnlyOpt = None, tasks: TasksOpt = None) -> None:
+    """Run the pipeline: every stage that is not cached, then the report."""
+    from pipeline.dag import run_pipeline
+    from pipeline.progress import ProgressView
+
+    cfg = _guard(lambda: _load(profile, config, overrides, tasks))
+    console = Console()
+    with ProgressView(console) as view:
+        result = _guard(lambda: run_pipeline(cfg, root, address=address, tracking_uri=tracking_uri,
+                                             force=force or [], only=only, on_update=view.update,
+                                             command=shlex.join(sys.argv)))
+    if result.summary is not None:
+        console.print(summary_table(result.summary))
+    console.print(f"report: {result.report_dir / 'report.md'}", soft_wrap=True, highlight=False)
+    console.print(f"MLflow parent run: {result.parent_run_id}", highlight=False)
+    if not result.ok:
+        for st in result.failures:
+            where = f" (log: {st.dir / 'stage.log'})" if st.dir and st.state == "failed" else ""
+            console.print(f"[red]{st.id}: {st.state}[/]{where}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: OverridesArg = None,
+         root: RootOpt = DEFAULT_ROOT, force: ForceOpt = None, only: OnlyOpt = None,
+         tasks: TasksOpt = None) -> None:
+    """Show the DAG per task and which nodes are cached (HIT) or will run (RUN), without running anything."""
+    from pipeline.dag import build_graph, make_plan
+
+    cfg = _guard(lambda: _load(profile, config, overrides, tasks))
+    graph = _guard(lambda: build_graph(cfg))
+    actions = _guard(lambda: make_plan(graph, Path(root).resolve(), force or [], only))
+    console = Console(soft_wrap=True)
+    for task in cfg.tasks:
+        table = Table(title=f"{task}", title_justify="left")
+        for col in ("node", "action", "key", "inputs"):
+            table.add_column(col, no_wrap=col != "inputs")
+        for node in graph.nodes.values():
+            if node.task != task:
+                continue
+            action = {"hit": "[cyan]HIT[/]", "run": "[yellow]RUN[/]", "skip": "[dim]SKIP[/]"}[actions[node.id]]
+            table.add_row(node.name, action, node.key[:12],
+                          ", ".join(v if k == v else f"{k}={v}" for k, v in node.inputs.items()) or "-")
+        console.print(table)
+    n_run = sum(a == "run" for a in actions.values())
+    console.print(f"{n_run} to run, {sum(a == 'hit' for a in actions.values())} cached, then the report"
+                  f" (root {Path(root).resolve()})", highlight=False)
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"AR vs NARVL ({summary.get('profile')})")
+    for col in ("task", "metric", "AR", "NARVL", "AR ms", "NARVL ms", "speedup"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, row in summary.get("tasks", {}).items():
+        ar, nar = row.get("ar") or {}, row.get("narvl") or {}
+        table.add_row(task, str(ar.get("metric") or nar.get("metric") or "-"), _f(ar.get("value")),
+                      _f(nar.get("value")), _f(ar.get("latency_ms")), _f(nar.get("latency_ms")),
+                      _f(row.get("speedup"), suffix="x"))
+    for task, rows in summary.get("ablations", {}).items():
+        for name, r in rows.items():
+            table.add_row(task, f"{r.get('metric') or '-'} [{name}]", "", _f(r.get("value")), "", "", "")
+    return table
+
+
+def _f(v: Any, suffix: str = "") -> str:
+    return f"{v:.2f}{suffix}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
+
+
+# ---- config ----------------------------------------------------------------------------------------------
+@config_app.command("show")
+def config_show(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: OverridesArg = None,
+                tasks: TasksOpt = None) -> None:
+    """Print the fully resolved pipeline config as YAML."""
+    cfg = _guard(lambda: _load(profile, config, overrides, tasks))
+    typer.echo(config_to_yaml(cfg), nl=False)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+class _ConsoleLog:
+    """A StageLog printing to the console (for data commands outside the pipeline)."""
+
+    def info(self, msg: str) -> None:
+        typer.echo(msg)
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        typer.echo(f"step {step}: {values}")
+
+    def artifact(self, path: Path) -> None:
+        pass
+
+    def progress(self, step: int, total: int | None = None) -> None:
+        pass
+
+
+@data_app.command("synth")
+def data_synth(out: Annotated[Path, typer.Option("--out", help="output folder")],
+               profile: ProfileOpt = None, config: ConfigOpt = None, overrides: OverridesArg = None,
+               tasks: TasksOpt = None) -> None:
+    """Write the built-in benchmark as shards (<out>/<task>/<split>/), usable as data.source=shards."""
+    cfg = _guard(lambda: _load(profile, config, overrides, tasks))
+    from stages.prepare_data import synth_all
+
+    report = _guard(lambda: synth_all(cfg.data, cfg.tasks, out, _ConsoleLog()))
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _pairs(items: list[str] | None, option: str) -> dict[str, Path] | None:
+    """["train=a.json", "val=b.json"] -> {"train": Path("a.json"), ...}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{option} {item!r}: expected SPLIT=FILE, e.g. {option} train=path/file.json")
+        split, file = item.split("=", 1)
+        out[split] = Path(file)
+    return out
+
+
+SplitFiles = Annotated[list[str] | None, typer.Option(help="SPLIT=FILE, repeatable")]
+
+
+@data_app.command("convert")
+def data_convert(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="coco-caption | vqa | refcoco | snli-ve | ofa-tsv")],
+    out: Annotated[Path, typer.Option("--out", help="output folder (<out>/<task>/<split>/ shards)")],
+    images: Annotated[Path | None, typer.Option(help="image folder")] = None,
+    captions: SplitFiles = None, karpathy: Annotated[Path | None, typer.Option(help="dataset_coco.json")] = None,
+    questions: SplitFiles = None, annotations: SplitFiles = None, jsonl: SplitFiles = None,
+    refs: Annotated[Path | None, typer.Option(help="refs(unc).p")] = None,
+    instances: Annotated[Path | None, typer.Option(help="instances.json")] = None,
+    task: Annotated[str | None, typer.Option(help="ofa-tsv: caption | vqa | grounding | entailment")] = None,
+    tsv: SplitFiles = None,
+    split_map: Annotated[list[str] | None, typer.Option(help="SOURCE=SPLIT, repeatable")] = None,
+    samples_per_shard: Annotated[int | None, typer.Option()] = None,
+    on_bad: Annotated[str | None, typer.Option(help="error | skip")] = None,
+    workers: Annotated[int | None, typer.Option()] = None,
+    resume: Annotated[bool, typer.Option(help="skip splits that already have a manifest")] = True,
+) -> None:
+    """Convert a real dataset into shards (see stages/converters.py for each format's inputs)."""
+
+    def go() -> dict:
+        try:
+            from stages.converters import convert
+        except ImportError as e:
+            raise ConfigError(f"data convert is not wired yet: stages.converters is missing ({e})") from e
+        args: dict[str, Any] = {
+            "images": images, "karpathy": karpathy, "refs": refs, "instances": instances, "task": task,
+            "captions": _pairs(captions, "--captions"), "questions": _pairs(questions, "--questions"),
+            "annotations": _pairs(annotations, "--annotations"), "jsonl": _pairs(jsonl, "--jsonl"),
+            "tsv": _pairs(tsv, "--tsv"),
+            "split_map": {k: str(v) for k, v in (_pairs(split_map, "--split-map") or {}).items()} or None,
+            "samples_per_shard": samples_per_shard, "on_bad": on_bad, "workers": workers,
+        }
+        args = {k: v for k, v in args.items() if v is not None}
+        args["resume"] = resume
+        try:
+            return convert(fmt, args, out)
+        except TypeError as e:  # an option this format does not take
+            raise ConfigError(f"data convert {fmt}: {e}") from e
+
+    report = _guard(go)
+    typer.echo(json.dumps(report, indent=2, default=str))
+
+
+# ---- compare / sweep -------------------------------------------------------------------------------------
+RunIdsArg = Annotated[list[str] | None, typer.Argument(help="parent run ids (default: the last N)")]
+
+
+@app.command()
+def compare(run_ids: RunIdsArg = None,
+            root: RootOpt = DEFAULT_ROOT, tracking_uri: UriOpt = None,
+            last: Annotated[int, typer.Option("--last", help="how many recent runs")] = 5) -> None:
+    """Side-by-side table of pipeline runs from MLflow: per task AR / NARVL metric, latency, speedup."""
+    Console(soft_wrap=True).print(_guard(lambda: compare_table(run_ids or [], root, tracking_uri, last)))
+
+
+def compare_table(run_ids: list[str], root: Path, tracking_uri: str | None, last: int = 5) -> Table:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import default_tracking_uri
+
+    if tracking_uri is None and not (Path(root) / "mlflow.db").exists():
+        raise ConfigError(f"no MLflow store at {Path(root) / 'mlflow.db'}; give --root or --tracking-uri")
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri(root))
+    if run_ids:
+        try:
+            runs = [client.get_run(r) for r in run_ids]
+        except MlflowException as e:
+            raise ConfigError(f"run not found: {e.message}") from None
+    else:
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(exps, filter_string="tags.narvl_role = 'pipeline'",
+                                  order_by=["attributes.start_time DESC"], max_results=last) if exps else []
+    if not runs:
+        raise ConfigError("no pipeline runs found in the MLflow store")
+    table = Table(title="pipeline runs")
+    table.add_column("")
+    for r in runs:
+        head = f"{r.info.run_id[:8]}\n{r.data.tags.get('profile', '?')} {r.info.status}"
+        table.add_column(head, justify="right")
+    tasks = sorted({k.split(".")[0] for r in runs for k in r.data.metrics if k.endswith(".speedup")
+                    or k.endswith(".value")})
+    for task in tasks:
+        names = [r.data.tags[f"metric_name.{task}"] for r in runs if f"metric_name.{task}" in r.data.tags]
+        metric = names[0] if names else "metric"
+        for label, key, suffix in ((f"{task} AR {metric}", f"{task}.ar.value", ""),
+                                   (f"{task} NARVL {metric}", f"{task}.narvl.value", ""),
+                                   (f"{task} AR ms", f"{task}.ar.latency_ms", ""),
+                                   (f"{task} NARVL ms", f"{task}.narvl.latency_ms", ""),
+                                   (f"{task} speedup", f"{task}.speedup", "x")):
+            table.add_row(label, *(_f(r.data.metrics.get(key), suffix) for r in runs))
+    return table
+
+
+@app.command()
+def sweep() -> None:
+    """Ray Tune sweep over train_nar's query count (not wired yet)."""
+    raise _err("narvl sweep is not wired yet")
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app()

@@ -1,0 +1,130 @@
+"""Stage prepare_data: the shards of one task's train/val/test splits and the tokenizer trained on train texts.
+
+data.source = "shapes" generates the built-in benchmark; "shards" copies the task's split folders written by
+`narvl data convert` (or `narvl data synth`) after verifying their manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from narvl_model.tokenizer import Tokenizer
+from stages import shapes
+from stages.common import StageLog
+from stages.config import DataConfig, PrepareDataStage
+from stages.shards import DataError, ShardWriter, iter_tar, parse_sample, read_manifest
+from stages.tasks import all_targets, sample_texts
+
+VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def _split_sizes(data: DataConfig) -> dict[str, int]:
+    return {"train": data.train_per_task, "val": data.val_per_task, "test": data.test_per_task}
+
+
+def write_shapes_split(task: str, split: str, n: int, data: DataConfig, split_dir: Path) -> dict:
+    """Generate one split of the built-in benchmark into shards; returns its manifest."""
+    writer = ShardWriter(split_dir, split, data.samples_per_shard)
+    for sample, png in shapes.generate(task, split, n, data.image_size, data.seed, data.max_objects):
+        writer.write(sample, png, "png")
+    return writer.close({"name": "shapes", "version": shapes.GENERATOR_VERSION, "seed": data.seed,
+                         "image_size": data.image_size, "max_objects": data.max_objects})
+
+
+def iter_split_samples(split_dir: Path, task: str):
+    """The JSON of every sample of a split folder, in manifest order."""
+    manifest = read_manifest(split_dir)
+    for shard in manifest["shards"]:
+        path = split_dir / shard["name"]
+        for key, parts in iter_tar(path):
+            yield parse_sample(path, key, parts, task)[0]
+
+
+def build_tokenizer(data: DataConfig, train_dir: Path, task: str) -> Tokenizer:
+    """OFA's vocabulary from data.ofa_bpe_dir, or a BPE trained on the prompts and targets of the train split."""
+    if data.tokenizer == "ofa":
+        d = Path(data.ofa_bpe_dir)
+        return Tokenizer.from_ofa_files(d / "encoder.json", d / "vocab.bpe", d / "dict.txt",
+                                        num_bins=data.num_bins)
+    texts = (t for s in iter_split_samples(train_dir, task) for t in sample_texts(s, data.num_bins))
+    return Tokenizer.train(texts, vocab_size=data.bpe_vocab_size, num_bins=data.num_bins)
+
+
+def token_stats(split_dir: Path, task: str, tok: Tokenizer) -> dict[str, int]:
+    """Longest target (any reference / answer; without EOS) and longest prompt (without bos/eos), in tokens."""
+    max_t = max_s = 0
+    for s in iter_split_samples(split_dir, task):
+        max_t = max([max_t, *(len(tok.encode(t)) for t in all_targets(s, tok.num_bins))])
+        max_s = max(max_s, len(tok.encode(s["prompt"])))
+    return {"max_target_tokens": max_t, "max_prompt_tokens": max_s}
+
+
+def run(cfg: PrepareDataStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
+    """Write out_dir/{train,val,test}/ shards + manifests and out_dir/tokenizer/; return counts and timings."""
+    out_dir = Path(out_dir)
+    data, task = cfg.data, cfg.task
+    t0 = time.perf_counter()
+    report: dict = {"task": task, "source": data.source, "splits": {}}
+    if data.source == "shapes":
+        for split, n in _split_sizes(data).items():
+            t = time.perf_counter()
+            manifest = write_shapes_split(task, split, n, data, out_dir / split)
+            dt = time.perf_counter() - t
+            report["splits"][split] = {"count": manifest["count"], "shards": len(manifest["shards"]),
+                                       "seconds": round(dt, 3), "samples_per_s": round(manifest["count"] / dt, 1)}
+            log.info(f"prepare_data {task}/{split}: {manifest['count']} samples in {dt:.1f}s")
+            log.progress(len(report["splits"]), len(SPLITS))
+    else:
+        src = Path(data.shards_dir) / task
+        for split in SPLITS:
+            t = time.perf_counter()
+            manifest = read_manifest(src / split, verify=True)
+            if manifest["task"] not in (None, task):
+                raise DataError(f"{src / split}/manifest.json holds task {manifest['task']!r}, expected {task!r}")
+            dst = out_dir / split
+            if dst.exists():
+                shutil.rmtree(dst)
+            dst.mkdir(parents=True)
+            for shard in manifest["shards"]:
+                shutil.copy2(src / split / shard["name"], dst / shard["name"])
+            shutil.copy2(src / split / "manifest.json", dst / "manifest.json")  # last: the folder is complete
+            dt = time.perf_counter() - t
+            report["splits"][split] = {"count": manifest["count"], "shards": len(manifest["shards"]),
+                                       "seconds": round(dt, 3), "dataset": manifest.get("dataset")}
+            log.info(f"prepare_data {task}/{split}: copied {manifest['count']} samples from {src / split}")
+    t = time.perf_counter()
+    tok = build_tokenizer(data, out_dir / "train", task)
+    tok.save(out_dir / "tokenizer")
+    report["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size, "num_bins": tok.num_bins,
+                           "blank_id": tok.blank_id, "seconds": round(time.perf_counter() - t, 3)}
+    for split in SPLITS:
+        report["splits"][split].update(token_stats(out_dir / split, task, tok))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    total = sum(s["count"] for s in report["splits"].values())
+    report["samples_per_s"] = round(total / max(report["seconds"], 1e-9), 1)
+    log.metrics({"prepare_data/samples": float(total), "prepare_data/seconds": report["seconds"],
+                 "prepare_data/vocab_size": float(tok.vocab_size),
+                 **{f"prepare_data/{s}_max_target_tokens": float(v["max_target_tokens"])
+                    for s, v in report["splits"].items()}})
+    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def synth_all(data_cfg: DataConfig, tasks: list[str] | tuple[str, ...], out_dir: Path, log: StageLog) -> dict:
+    """Write the built-in benchmark as out_dir/<task>/{train,val,test}/ shards (input for data.source=shards)."""
+    out_dir = Path(out_dir)
+    report: dict = {}
+    for task in tasks:
+        report[task] = {}
+        for split, n in _split_sizes(data_cfg).items():
+            t = time.perf_counter()
+            manifest = write_shapes_split(task, split, n, data_cfg, out_dir / task / split)
+            dt = time.perf_counter() - t
+            report[task][split] = {"count": manifest["count"], "shards": len(manifest["shards"]),
+                                   "samples_per_s": round(manifest["count"] / dt, 1)}
+            log.info(f"synth {task}/{split}: {manifest['count']} samples in {dt:.1f}s -> {out_dir / task / split}")
+    return report

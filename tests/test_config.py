@@ -1,0 +1,74 @@
+"""Every YAML under configs/ loads and validates; bad inputs fail with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import CONFIG_DIR, ConfigError, load_config
+
+PIPELINES = sorted((CONFIG_DIR / "pipelines").glob("*.yaml"))
+SWEEPS = sorted((CONFIG_DIR / "sweeps").glob("*.yaml"))
+OTHER_YAML = sorted(p for p in CONFIG_DIR.rglob("*.y*ml") if p.parent.name not in ("pipelines", "sweeps"))
+
+
+def test_profiles_exist():
+    assert {p.stem for p in PIPELINES} >= {"smoke", "default"}
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_pipeline_configs_validate(path: Path):
+    cfg = load_config(path)
+    assert cfg.tasks and cfg.profile
+    assert load_config(profile=path.stem) == cfg
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_configs_validate_at_every_grid_point(path: Path):
+    from pipeline.sweep import load_sweep_config, pipeline_for
+
+    scfg = load_sweep_config(path)
+    for task, values in scfg.num_queries.items():
+        for n in values:
+            assert pipeline_for(scfg, task, n).train_nar.num_queries[task] == n
+
+
+@pytest.mark.parametrize("path", OTHER_YAML, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_other_configs_parse(path: Path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_smoke_profile_is_small():
+    cfg = load_config(profile="smoke")
+    assert cfg.model.preset == "cpu-nano" and cfg.data.image_size == 32
+    assert cfg.train_teacher.max_steps <= 100 and cfg.train_nar.max_steps <= 100
+    assert cfg.data.train_per_task <= 500 and cfg.evaluate.max_samples <= 100
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train_nar.foo=1", "train_nar.foo"),                       # unknown key
+    ("train_nar.max_steps=abc", "train_nar.max_steps"),         # wrong type
+    ("data.train_per_task=-5", "data.train_per_task"),          # negative size
+    ("data.image_size=-1", "data.image_size"),
+    ("train_nar.num_queries.caption=3", "train_nar.num_queries.caption"),  # too few queries for Q-CTC
+    ("tasks=[caption,ocr]", "tasks"),
+    ("model.preset=giant", "model.preset"),
+])
+def test_bad_overrides_name_the_field(override: str, field: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(profile="smoke", overrides=[override])
+    assert field in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="unknown profile"):
+        load_config(profile="nope")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(profile="smoke", overrides=["seed"])

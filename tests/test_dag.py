@@ -1,0 +1,191 @@
+"""The DAG on real Ray with fake stages (pipeline/testing.py): caching, --force, --only, crash and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import dag
+from pipeline.cache import final_dir, work_dir
+from pipeline.config import load_config
+from pipeline.testing import FAKE_STAGES, executions
+
+ALL = {"prepare_data", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl", "benchmark"}
+
+
+def config(*overrides: str):
+    return load_config(profile="smoke", overrides=["tasks=[caption]", "train_teacher.max_steps=10",
+                                                   "train_nar.max_steps=40", *overrides])
+
+
+def run(cfg, root: Path, **kw) -> tuple[dag.PipelineResult, set[str]]:
+    """Run the pipeline; return the result and the node names executed by this run."""
+    before = len(executions(root))
+    result = dag.run_pipeline(cfg, root, poll_s=0.1, **kw)
+    return result, {e["node"] for e in executions(root)[before:]}
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dag, "STAGES", FAKE_STAGES)
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(fakes, ray_session, tmp_path_factory) -> Path:
+    """A root where the whole caption DAG ran once."""
+    root = tmp_path_factory.mktemp("base")
+    result, ran = run(config(), root)
+    assert result.ok, [(s.id, s.state, s.error) for s in result.statuses.values()]
+    assert ran == ALL
+    return root
+
+
+@pytest.fixture
+def root(base, tmp_path) -> Path:
+    """A private copy of the base root."""
+    shutil.copytree(base, tmp_path / "root")
+    return tmp_path / "root"
+
+
+def test_graph_shape_and_ablations(fakes):
+    cfg = config("ablations=[ce,no_kd,encoder_input]", "tasks=[caption,vqa]")
+    graph = dag.build_graph(cfg)
+    names = {n.name for n in graph.nodes.values() if n.task == "vqa"}
+    assert names == ALL | {"train_nar[ce]", "evaluate_narvl[ce]", "train_nar[no_kd]", "evaluate_narvl[no_kd]",
+                           "train_nar[encoder_input]", "evaluate_narvl[encoder_input]"}
+    n = graph.nodes
+    assert n["vqa/train_nar"].inputs == {"prepare_data": "prepare_data", "train_teacher": "train_teacher",
+                                         "distill": "distill"}
+    assert "distill" not in n["vqa/train_nar[no_kd]"].inputs
+    assert n["vqa/train_nar[ce]"].cfg.train.loss == "ce"
+    enc = n["vqa/train_nar[encoder_input]"].cfg
+    assert enc.train.decoder_input == "encoder" and enc.model.decoder_input == "encoder"
+    assert n["vqa/train_nar"].cfg.model.num_queries == cfg.train_nar.num_queries["vqa"]
+    assert n["vqa/benchmark"].inputs == {"prepare_data": "prepare_data", "ar": "train_teacher",
+                                         "narvl": "train_nar"}
+    assert n["vqa/evaluate_narvl[ce]"].inputs["model"] == "train_nar[ce]"
+    # the prefix is shared: same keys with or without ablations; tasks differ
+    plain = dag.build_graph(config())
+    assert plain.nodes["caption/train_nar"].key == n["caption/train_nar"].key
+    assert n["caption/prepare_data"].key != n["vqa/prepare_data"].key
+    assert len({x.key for x in n.values()}) == len(n)
+
+
+def test_rerun_is_all_cache_hits(base):
+    result, ran = run(config(), base)
+    assert result.ok and ran == set()
+    assert {s.state for s in result.statuses.values()} == {"hit"}
+
+
+def test_changed_train_nar_field_reruns_exactly_descendants(root):
+    result, ran = run(config("train_nar.lr=0.002"), root)
+    assert result.ok and ran == {"train_nar", "evaluate_narvl", "benchmark"}
+    states = {s.name: s.state for s in result.statuses.values()}
+    assert {k for k, v in states.items() if v == "hit"} == ALL - ran
+    # a field outside the key (log_every) changes nothing
+    _, ran = run(config("train_nar.lr=0.002", "train_nar.log_every=3"), root)
+    assert ran == set()
+
+
+def test_force_reruns_stage_and_descendants(root):
+    _, ran = run(config(), root, force=["distill"])
+    assert ran == {"distill", "train_nar", "evaluate_narvl", "benchmark"}
+    _, ran = run(config(), root, force=["evaluate"])
+    assert ran == {"evaluate_ar", "evaluate_narvl"}
+
+
+def test_only(root, tmp_path):
+    # a changed NAR config with --only train_nar: only that node runs, its descendants wait
+    result, ran = run(config("train_nar.lr=0.0031"), root, only="train_nar")
+    assert ran == {"train_nar"}
+    states = {s.name: s.state for s in result.statuses.values()}
+    assert states["evaluate_narvl"] == "not_run" and states["train_nar"] == "succeeded"
+    _, ran = run(config(), root, only="evaluate", force=["evaluate"])
+    assert ran == {"evaluate_ar", "evaluate_narvl"}
+    # inputs not cached: an error naming the input, before anything runs
+    with pytest.raises(dag.PipelineError, match="'model'.*caption/train_nar.*not cached"):
+        dag.make_plan(dag.build_graph(config("train_nar.lr=0.004")), root, only="evaluate")
+    with pytest.raises(dag.PipelineError, match="not cached"):
+        run(config(), tmp_path / "empty", only="benchmark")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_plan_reports_hits_and_runs(root):
+    graph = dag.build_graph(config("train_nar.lr=0.005"))
+    plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, root).items()}
+    assert {k for k, v in plan.items() if v == "run"} == {"train_nar", "evaluate_narvl", "benchmark"}
+    plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, root, force=["train_teacher"]).items()}
+    assert {k for k, v in plan.items() if v == "hit"} == {"prepare_data"}
+
+
+def test_half_written_folder_is_never_a_hit(fakes, ray_session, tmp_path):
+    cfg = config()
+    node = dag.build_graph(cfg).nodes["caption/prepare_data"]
+    half = final_dir(tmp_path, "caption", node.name, node.key)
+    half.mkdir(parents=True)
+    (half / "junk.bin").write_bytes(b"partial")
+    assert dag.make_plan(dag.build_graph(cfg), tmp_path)["caption/prepare_data"] == "run"
+    result, ran = run(cfg, tmp_path)
+    assert result.ok and "prepare_data" in ran
+    assert (half / "manifest.json").exists() and not (half / "junk.bin").exists()
+    assert not list((tmp_path / "caption").glob(".tmp-*"))
+
+
+def test_crash_then_rerun_resumes_from_checkpoint(fakes, ray_session, tmp_path):
+    cfg = config()
+    (tmp_path).mkdir(exist_ok=True)
+    (tmp_path / "crash-caption-train_nar").write_text("25")
+    result, _ = run(cfg, tmp_path)
+    states = {s.name: s.state for s in result.statuses.values()}
+    assert not result.ok
+    assert states["train_nar"] == "failed" and "simulated crash" in result.statuses["caption/train_nar"].error
+    assert states["evaluate_narvl"] == states["benchmark"] == "upstream_failed"
+    assert states["evaluate_ar"] == "succeeded"
+    node = dag.build_graph(cfg).nodes["caption/train_nar"]
+    work = work_dir(tmp_path, "caption", node.name, node.key)
+    assert json.loads((work / "ckpt.json").read_text())["step"] == 25
+    assert json.loads((work / "manifest.json").read_text())["status"] == "failed"
+    assert not final_dir(tmp_path, "caption", node.name, node.key).exists()
+    assert (tmp_path / "runs").is_dir()  # a report is written even for a failed run
+
+    (tmp_path / "crash-caption-train_nar").unlink()
+    result, ran = run(cfg, tmp_path)
+    assert result.ok and ran == {"train_nar", "evaluate_narvl", "benchmark"}
+    last_nar = [e for e in executions(tmp_path) if e["node"] == "train_nar"][-1]
+    assert last_nar["resumed_from"] == 25
+    manifest = json.loads((final_dir(tmp_path, "caption", node.name, node.key) / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["outputs"]["resumed_from"] == 25
+    assert not work.exists()
+
+
+def test_summary_contract(base):
+    result, _ = run(config(), base)
+    summary = json.loads((result.report_dir / "summary.json").read_text())
+    assert set(summary) == {"profile", "tasks"} and summary["profile"] == "smoke"
+    row = summary["tasks"]["caption"]
+    assert set(row) == {"ar", "narvl", "speedup"}
+    for kind, value, ms in (("ar", 80.0, 50.0), ("narvl", 75.0, 5.0)):
+        assert set(row[kind]) == {"metric", "value", "latency_ms", "metrics"}
+        assert row[kind]["metric"] == "CIDEr" and row[kind]["value"] == value and row[kind]["latency_ms"] == ms
+    assert row["speedup"] == pytest.approx(10.0)
+    assert result.report_dir.parent == base / "runs" and result.report_dir.name.endswith(result.parent_run_id[:8])
+    assert (result.report_dir / "report.md").read_text().count("| caption |") == 1
+    assert (result.report_dir / "metric_vs_latency.png").exists()
+    assert (result.report_dir / "curves_caption.png").exists()
+
+
+def test_manifest_and_stage_folder(base):
+    node = dag.build_graph(config()).nodes["caption/train_nar"]
+    d = final_dir(base, "caption", node.name, node.key)
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["status"] == "succeeded" and m["key"] == node.key and m["stage"] == "train_nar" and m["version"] == 1
+    assert set(m["inputs"]) == {"prepare_data", "train_teacher", "distill"}
+    assert {"sha", "dirty"} <= set(m["git"]) and m["mlflow_run_id"] and m["duration_s"] >= 0
+    assert m["outputs"] == {"steps": 40, "resumed_from": 0}
+    assert "max_steps: 40" in (d / "config.yaml").read_text()
+    assert "trained 40 steps" in (d / "stage.log").read_text()

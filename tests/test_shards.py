@@ -1,0 +1,205 @@
+"""Shards: writer + manifest, exactly-once reading across ranks and DataLoader workers, batches, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from narvl_model.tokenizer import Tokenizer
+from stages.shapes import generate
+from stages.shards import DataError, ShardWriter, count_samples, make_loader, read_manifest, sha256_file
+from stages.tasks import bins_to_box, box_to_bins, eval_target, sample_texts, train_target, vqa_confidence
+
+N = 30
+
+
+def _write(split_dir: Path, task: str, n: int, per_shard: int, size: int = 32) -> dict:
+    w = ShardWriter(split_dir, "train", per_shard)
+    for sample, png in generate(task, "train", n, size, seed=0):
+        w.write(sample, png, "png")
+    return w.close({"name": "shapes", "version": 1, "seed": 0})
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    texts = [t for task in ("caption", "vqa", "grounding") for s, _ in generate(task, "train", 40, 32, 0)
+             for t in sample_texts(s, 16)]
+    return Tokenizer.train(texts, vocab_size=400, num_bins=16)
+
+
+@pytest.fixture(scope="module")
+def caption_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shards")
+    _write(root / "many", "caption", N, per_shard=4)  # 8 shards >= 2 ranks x 2 workers
+    _write(root / "few", "caption", N, per_shard=20)  # 2 shards < 4 readers: split inside shards
+    return {"many": root / "many", "few": root / "few"}
+
+
+def test_manifest_and_deterministic_bytes(tmp_path, caption_dirs):
+    m = read_manifest(caption_dirs["many"], verify=True)
+    assert m["count"] == N == count_samples(caption_dirs["many"]) and m["task"] == "caption"
+    assert [s["count"] for s in m["shards"]] == [4] * 7 + [2]
+    assert m["dataset"] == {"name": "shapes", "version": 1, "seed": 0}
+    again = _write(tmp_path / "again", "caption", N, per_shard=4)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+    assert not list((tmp_path / "again").glob(".*tmp"))
+
+
+@pytest.mark.parametrize("layout", ["many", "few"])
+def test_every_sample_exactly_once_over_ranks_and_workers(caption_dirs, tok, layout):
+    ids: list[str] = []
+    for rank in range(2):
+        loader = make_loader(caption_dirs[layout], tok, "caption", 3, train=True, seed=1, shuffle_buffer=5,
+                             num_workers=2, rank=rank, world_size=2)
+        ids += [i for b in loader for i in b.ids]
+    counts = Counter(ids)
+    assert len(counts) == N and set(counts.values()) == {1}
+
+
+def test_shuffle_depends_on_seed_and_epoch(caption_dirs, tok):
+    def order(epoch: int) -> list[str]:
+        loader = make_loader(caption_dirs["many"], tok, "caption", 8, train=True, seed=0, epoch=epoch,
+                             shuffle_buffer=10)
+        return [i for b in loader for i in b.ids]
+    assert order(0) == order(0) and order(0) != order(1) and sorted(order(0)) == sorted(order(1))
+    evaluation = make_loader(caption_dirs["many"], tok, "caption", 8)
+    assert [i for b in evaluation for i in b.ids] == sorted(order(0))
+
+
+def test_batch_contents(caption_dirs, tok):
+    batch = next(iter(make_loader(caption_dirs["many"], tok, "caption", 4, image_size=48, max_source_len=5)))
+    assert batch.image.shape == (4, 3, 48, 48) and batch.image.dtype == torch.float32
+    assert -1.0 <= float(batch.image.min()) and float(batch.image.max()) <= 1.0
+    assert batch.src_tokens.shape == (4, 5) and (batch.src_tokens[:, 0] == tok.bos_id).all()
+    assert (batch.src_tokens[:, -1] == tok.eos_id).all()
+    for row, length, sample in zip(batch.target, batch.target_lengths, batch.samples, strict=True):
+        assert row[length - 1] == tok.eos_id and (row[length:] == tok.pad_id).all()
+        assert tok.decode(row[: length - 1].tolist()) == sample["references"][0]
+    assert torch.equal(batch.prev_output_tokens[:, 1:][batch.target[:, 1:] != tok.pad_id],
+                       batch.target[:, :-1][batch.target[:, 1:] != tok.pad_id])
+    assert (batch.prev_output_tokens[:, 0] == tok.bos_id).all() and (batch.weights == 1).all()
+    override = {batch.ids[0]: "a large red star"}
+    seen = 0
+    for b2 in make_loader(caption_dirs["many"], tok, "caption", 4, train=True, target_override=override):
+        for i, sid in enumerate(b2.ids):
+            text = tok.decode(b2.target[i, : b2.target_lengths[i] - 1].tolist())
+            if sid == batch.ids[0]:
+                seen += 1
+                assert text == "a large red star"
+            else:
+                assert text in b2.samples[i]["references"]
+    assert seen == 1
+
+
+def test_vqa_and_grounding_targets(tmp_path, tok):
+    _write(tmp_path / "vqa", "vqa", 12, per_shard=12)
+    batch = next(iter(make_loader(tmp_path / "vqa", tok, "vqa", 12, train=True, seed=3)))
+    for w, sample, row, n in zip(batch.weights, batch.samples, batch.target, batch.target_lengths, strict=True):
+        answer = tok.decode(row[: n - 1].tolist())
+        assert answer in sample["answers"] and float(w) == pytest.approx(vqa_confidence(sample["answers"], answer))
+    _write(tmp_path / "gr", "grounding", 6, per_shard=6)
+    batch = next(iter(make_loader(tmp_path / "gr", tok, "grounding", 6)))
+    assert (batch.target_lengths == 5).all()
+    for row, sample in zip(batch.target, batch.samples, strict=True):
+        bins = [tok.bin_index(t) for t in row[:4].tolist()]
+        assert bins == box_to_bins(sample["box"], sample["image_size"], 16)
+
+
+def test_box_bins_round_trip():
+    box, size = [3.0, 10.0, 31.0, 20.0], [32, 40]
+    bins = box_to_bins(box, size, 64)
+    assert bins == [round(3 / 32 * 63), round(10 / 40 * 63), round(31 / 32 * 63), round(20 / 40 * 63)]
+    back = bins_to_box(bins, size, 64)
+    assert all(abs(a - b) <= max(size) / 63 / 2 + 1e-9 for a, b in zip(back, box, strict=True))
+    assert box_to_bins([0, 0, 32, 40], size, 64) == [0, 0, 63, 63]
+    sample = {"task": "vqa", "answers": ["2"] * 7 + ["two"] * 3}
+    assert eval_target(sample, 64) == "2"
+    rng = np.random.default_rng(0)
+    picks = Counter(train_target(sample, rng, 64) for _ in range(300))
+    assert set(picks) == {("2", 1.0), ("two", 1.0)} and picks[("2", 1.0)] > picks[("two", 1.0)]
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def _raw_split(split_dir: Path, members: list[tuple[str, bytes]], task: str = "caption") -> Path:
+    split_dir.mkdir(parents=True)
+    path = split_dir / "train-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    manifest = {"split": "train", "task": task, "count": len(members) // 2,
+                "shards": [{"name": path.name, "sha256": sha256_file(path), "count": len(members) // 2}],
+                "dataset": {"name": "test", "version": 0, "seed": 0}}
+    (split_dir / "manifest.json").write_text(json.dumps(manifest))
+    return split_dir
+
+
+def _good(k: int) -> list[tuple[str, bytes]]:
+    sample, png = next(generate("caption", "train", 1, 32, seed=k))
+    sample["id"] = f"s{k}"
+    return [(f"s{k}.json", json.dumps(sample).encode()), (f"s{k}.png", png)]
+
+
+def test_missing_shard_and_sha_mismatch(tmp_path, tok):
+    d = _raw_split(tmp_path / "a", _good(0) + _good(1))
+    (d / "train-000000.tar").write_bytes((d / "train-000000.tar").read_bytes()[:-1] + b"x")
+    read_manifest(d)  # presence only
+    with pytest.raises(DataError, match="train-000000.tar: sha256"):
+        make_loader(d, tok, "caption", 2, verify=True)
+    (d / "train-000000.tar").unlink()
+    with pytest.raises(DataError, match="train-000000.tar listed in .* is missing"):
+        read_manifest(d)
+    with pytest.raises(DataError, match="manifest.json not found"):
+        read_manifest(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="holds task 'caption', expected 'vqa'"):
+        make_loader(_raw_split(tmp_path / "b", _good(0)), tok, "vqa", 2)
+
+
+def test_truncated_tar(tmp_path, tok):
+    d = _raw_split(tmp_path / "t", _good(0) + _good(1) + _good(2))
+    path = d / "train-000000.tar"
+    path.write_bytes(path.read_bytes()[:2600])
+    with pytest.raises(DataError, match="train-000000.tar"):
+        list(make_loader(d, tok, "caption", 2))
+    loader = make_loader(d, tok, "caption", 2, on_bad_sample="skip")
+    ids = [i for b in loader for i in b.ids]
+    assert len(loader.skipped) == 1 and "train-000000.tar" in loader.skipped[0] and len(ids) < 3
+
+
+def test_bad_samples_raise_or_are_counted(tmp_path, tok):
+    no_refs = json.loads(_good(1)[0][1])
+    del no_refs["references"]
+    members = (_good(0) + [("s1.json", json.dumps(no_refs).encode()), _good(1)[1]]
+               + [_good(2)[0], ("s2.png", b"not a png")] + [_good(3)[0]] + _good(4))
+    d = _raw_split(tmp_path / "bad", members)
+    with pytest.raises(DataError, match=r"sample 's1': JSON lacks \['references'\]"):
+        list(make_loader(d, tok, "caption", 10))
+    for shuffled in (False, True):
+        loader = make_loader(d, tok, "caption", 2, train=shuffled, on_bad_sample="skip", num_workers=0)
+        ids = sorted(i for b in loader for i in b.ids)
+        assert ids == ["s0", "s4"]
+        assert len(loader.skipped) == 3
+        text = "\n".join(loader.skipped)
+        assert "sample 's1'" in text and "sample 's2': image does not decode" in text
+        assert "sample 's3': no image member" in text
+    d2 = _raw_split(tmp_path / "img", _good(0) + [_good(2)[0], ("s2.png", b"not a png")])
+    with pytest.raises(DataError, match="sample 's2': image does not decode"):
+        list(make_loader(d2, tok, "caption", 10))
+
+
+def test_writer_rejects_bad_samples(tmp_path):
+    w = ShardWriter(tmp_path / "w", "train", 4)
+    sample, png = next(generate("caption", "train", 1, 32, 0))
+    with pytest.raises(DataError, match="missing"):
+        w.write({k: v for k, v in sample.items() if k != "references"}, png)
+    w.write(sample, png)
+    with pytest.raises(DataError, match="written twice"):
+        w.write(sample, png)
