@@ -85,10 +85,14 @@ def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overrid
 
     cfg = _guard(lambda: _load(profile, config, overrides, tasks))
     console = Console()
-    with ProgressView(console) as view:
-        result = _guard(lambda: run_pipeline(cfg, root, address=address, tracking_uri=tracking_uri,
-                                             force=force or [], only=only, on_update=view.update,
-                                             command=shlex.join(sys.argv)))
+    try:
+        with ProgressView(console) as view:
+            result = _guard(lambda: run_pipeline(cfg, root, address=address, tracking_uri=tracking_uri,
+                                                 force=force or [], only=only, on_update=view.update,
+                                                 command=shlex.join(sys.argv)))
+    except KeyboardInterrupt:
+        raise _err("interrupted: running stages cancelled, MLflow runs marked KILLED; a rerun resumes"
+                   " (training from its last checkpoint)", code=130) from None
     if result.summary is not None:
         console.print(summary_table(result.summary))
     console.print(f"report: {result.report_dir / 'report.md'}", soft_wrap=True, highlight=False)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -331,6 +333,7 @@ def run_pipeline(cfg: PipelineConfig, root: Path, *, address: str | None = None,
     plan = make_plan(graph, root, force, only)  # errors before anything starts
     started_ray = not ray.is_initialized()
     init_local_ray(address)
+    previous_sigterm = _interrupt_on_sigterm()  # after ray.init, which installs its own handler
     git = git_info()
     tracker = Tracker(root, tracking_uri, cfg.name)
     common_tags = {"profile": cfg.profile, "name": cfg.name}
@@ -395,8 +398,21 @@ def run_pipeline(cfg: PipelineConfig, root: Path, *, address: str | None = None,
         tracker.finish_parent("KILLED" if status == "FAILED" else status)
         raise
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if started_ray:
             ray.shutdown()
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Make SIGTERM (a scheduler stopping the job) end the run like Ctrl-C; return the previous handler."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _poll_progress(st: NodeStatus, node: Node, read_progress: Callable[[Path], dict | None]) -> None:
