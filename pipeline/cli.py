@@ -299,9 +299,29 @@ def compare_table(run_ids: list[str], root: Path, tracking_uri: str | None, last
 
 
 @app.command()
-def sweep() -> None:
-    """Ray Tune sweep over train_nar's query count (not wired yet)."""
-    raise _err("narvl sweep is not wired yet")
+def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep YAML (configs/sweeps/)")],
+          overrides: OverridesArg = None, root: RootOpt = DEFAULT_ROOT,
+          address: Annotated[str | None, typer.Option(help="join a Ray cluster (or RAY_ADDRESS)")] = None,
+          tracking_uri: UriOpt = None) -> None:
+    """Ray Tune sweep over train_nar's number of learnable queries (paper Table 10), on the cached prefix."""
+    from pipeline.sweep import load_sweep_config, run_sweep
+
+    def go() -> dict:
+        scfg = load_sweep_config(config, overrides or [])
+        return run_sweep(scfg, root, address=address, tracking_uri=tracking_uri)
+
+    try:
+        result = _guard(go)
+    except RuntimeError as e:
+        raise _err(str(e), code=1) from None
+    table = Table(title=f"query-length sweep ({result['dir']})")
+    cols = ["task", "num_queries", "metric", "value", "latency_ms", "ar_latency_ms", "speedup", "wall_s"]
+    for c in cols:
+        table.add_column(c)
+    for row in result["rows"]:
+        table.add_row(*[f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols])
+    Console(soft_wrap=True).print(table)
+    print(f"sweep results: {result['dir']}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative
