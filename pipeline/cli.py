@@ -312,7 +312,9 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep Y
 
     try:
         result = _guard(go)
-    except RuntimeError as e:
+    except typer.Exit:
+        raise
+    except RuntimeError as e:  # failed trials: the message lists them
         raise _err(str(e), code=1) from None
     table = Table(title=f"query-length sweep ({result['dir']})")
     cols = ["task", "num_queries", "metric", "value", "latency_ms", "ar_latency_ms", "speedup", "wall_s"]

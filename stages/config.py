@@ -35,7 +35,7 @@ class DataConfig(Strict):
     bpe_vocab_size: int = Field(1000, ge=64, description="BPE merges target size (before bins and specials)")
     num_bins: int = Field(64, ge=2, description="location tokens <bin_0>..<bin_{B-1}> (OFA: 1000)")
     tokenizer: Literal["bpe", "ofa"] = "bpe"
-    ofa_bpe_dir: str | None = Field(None, description="with tokenizer=ofa: folder with encoder.json, vocab.bpe, dict.txt")
+    ofa_bpe_dir: str | None = Field(None, description="tokenizer=ofa: dir of encoder.json, vocab.bpe, dict.txt")
     on_bad_sample: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from stages.config import DataConfig, PrepareDataStage
 from stages.shards import DataError, ShardWriter, iter_tar, parse_sample, read_manifest
 from stages.tasks import all_targets, sample_texts
 
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "val", "test")
 
 

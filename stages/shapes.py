@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from stages.common import task_prompt
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
@@ -166,9 +166,11 @@ def _caption_orders(objs: list[Obj], rng: np.random.Generator, k: int) -> list[l
     left_to_right = sorted(objs, key=lambda o: (o.cx, o.cy))
     orders = [left_to_right if rng.random() < 0.5 else [objs[i] for i in rng.permutation(n)] for _ in range(k)]
     if n > 1 and k > 1 and all(o == orders[0] for o in orders):
-        j = int(rng.integers(k))
-        while orders[j] == orders[0]:
+        j = int(rng.integers(1, k))  # never 0: orders[0] is the one the others must differ from
+        for _ in range(100):  # identical-looking objects can make every permutation equal: give up then
             orders[j] = [objs[i] for i in rng.permutation(n)]
+            if orders[j] != orders[0]:
+                break
     return orders
 
 

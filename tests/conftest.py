@@ -34,3 +34,14 @@ def ray_session(tmp_path_factory):
         init_local_ray(temp_dir=tmp_path_factory.mktemp("ray"))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Two cores shared by several jobs: one intra-op thread avoids oversubscription."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

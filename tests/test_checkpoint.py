@@ -12,14 +12,7 @@ from narvl_model.checkpoint import load_model, load_ofa_state_dict, ofa_key_to_o
 from narvl_model.config import OFA_VOCAB_SIZE, ModelConfig
 from narvl_model.model import ARModel, NARVLModel
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(**kw) -> ModelConfig:

@@ -27,7 +27,7 @@ def test_config_show_applies_overrides():
     (["config", "show", "-p", "smoke", "train_nar.num_queries.caption=2"], "num_queries.caption"),
     (["config", "show", "-p", "nope"], "unknown profile"),
     (["config", "show", "-p", "smoke", "-c", "x.yaml"], "either --profile or --config"),
-    (["sweep"], "not wired yet"),
+    (["sweep", "--config", "no-such-sweep.yaml"], "not found"),
     (["data", "convert", "nope", "--out", "/tmp/narvl-never"], "unknown format"),
 ])
 def test_user_errors_exit_2_without_traceback(args, needle):

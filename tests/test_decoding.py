@@ -10,14 +10,7 @@ import torch
 
 from narvl_model.decoding import bins_to_box, ctc_collapse, ctc_greedy, ctc_prefix_beam_search, strip_special
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_collapse_merges_then_drops_blanks():

@@ -15,13 +15,7 @@ from narvl_model.losses import ar_ce_loss, ctc_min_length, nar_ce_loss, qctc_los
 BLANK = 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_nll(log_probs: torch.Tensor, target: list[int]) -> float:

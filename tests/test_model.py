@@ -14,13 +14,7 @@ from narvl_model.search import greedy_search
 V = 24  # specials 0-3, content 4-22, blank 23
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine has two cores shared by several jobs: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**kw) -> ModelConfig:

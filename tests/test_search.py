@@ -12,13 +12,7 @@ from narvl_model.search import _no_repeat_ngram_mask, beam_search, greedy_search
 V = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
