@@ -70,7 +70,8 @@ def run(cfg: BenchmarkStage, inputs: dict[str, Path], out_dir: Path, log: StageL
     nar_loss = nar_loss_of(Path(inputs["narvl"]))
     if ar.cfg.image_size != nar.cfg.image_size:
         raise ValueError(f"AR image size {ar.cfg.image_size} != NARVL {nar.cfg.image_size}")
-    loader = make_loader(data_dir / "test", tok, cfg.task, 1, train=False, num_workers=0, rank=0, world_size=1,
+    split = "test" if (data_dir / "test").exists() else "val"  # converted real data may have no test split
+    loader = make_loader(data_dir / split, tok, cfg.task, 1, train=False, num_workers=0, rank=0, world_size=1,
                          image_size=ar.cfg.image_size, max_source_len=ar.cfg.max_source_positions)
     singles = []
     for b in loader:

@@ -82,6 +82,10 @@ def run(cfg: PrepareDataStage, inputs: dict[str, Path], out_dir: Path, log: Stag
         src = Path(data.shards_dir) / task
         for split in SPLITS:
             t = time.perf_counter()
+            if split == "test" and not (src / split).exists():
+                # real datasets often come as train/val only (COCO 2017): evaluate with evaluate.split=val
+                log.info(f"prepare_data {task}: {src / split} absent; no test split (set evaluate.split=val)")
+                continue
             manifest = read_manifest(src / split, verify=True)
             if manifest["task"] not in (None, task):
                 raise DataError(f"{src / split}/manifest.json holds task {manifest['task']!r}, expected {task!r}")
@@ -101,7 +105,7 @@ def run(cfg: PrepareDataStage, inputs: dict[str, Path], out_dir: Path, log: Stag
     tok.save(out_dir / "tokenizer")
     report["tokenizer"] = {"kind": tok.kind, "vocab_size": tok.vocab_size, "num_bins": tok.num_bins,
                            "blank_id": tok.blank_id, "seconds": round(time.perf_counter() - t, 3)}
-    for split in SPLITS:
+    for split in report["splits"]:
         report["splits"][split].update(token_stats(out_dir / split, task, tok))
     report["seconds"] = round(time.perf_counter() - t0, 3)
     total = sum(s["count"] for s in report["splits"].values())
