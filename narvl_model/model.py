@@ -274,9 +274,6 @@ class Encoder(nn.Module):
         self.image_proj = nn.Linear(self.backbone.out_channels, d)
         self.embed_tokens = embed_tokens
         self.type_embedding = nn.Embedding(2, d)  # 0 text, 1 image
-        # Small init: the type vector is added before the embedding LayerNorm, and at N(0, 1) it swamps the
-        # backbone's features so that every image token normalises to nearly the same vector.
-        nn.init.normal_(self.type_embedding.weight, std=0.02)
         self.layernorm_embedding = nn.LayerNorm(d)  # text part
         self.image_layernorm_embedding = nn.LayerNorm(d)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
