@@ -29,17 +29,22 @@ class ModelConfig(BaseModel):
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="max stochastic depth, rising linearly over layers")
     normformer: bool = True
+    init_std: float | None = Field(None, gt=0, description="std of the Linear weights at init; None = fan_in**-0.5. "
+                                   "OFA's 0.02 suits d_model >= 256: on narrow models it starves attention learning")
     # image backbone: 'resnet' is OFA's (stem + stages 1-3, bottleneck blocks, stride 16);
     # 'small' is a 4-conv stride-16 net for 32-128 px images.
     backbone: Literal["resnet", "small"] = "small"
     resnet_layers: tuple[int, int, int] = (3, 4, 6)
     backbone_width: int = Field(32, gt=0, description="channels of the first stage (ResNet: 64)")
+    backbone_stride: Literal[8, 16] = Field(16, description="output stride of the 'small' backbone (ResNet: 16)")
     image_size: int = Field(64, ge=32, le=1024)
     # positions
     max_source_positions: int = Field(64, gt=0, description="max encoder text tokens")
     max_target_positions: int = Field(64, gt=0, description="max AR target tokens")
     max_queries: int = Field(1024, gt=0, description="size of the query-position table")
     rel_pos_buckets: int = Field(32, gt=0)
+    entangle_positions: bool = Field(False, description="also add the position embeddings to the token vectors "
+                                     "(OFA's entangle_position_embedding); off in OFA, where positions are biases only")
     image_rel_pos_max: int = Field(16, gt=0, description="max |dx|,|dy| of the 2-D relative image bias table")
     # NARVL
     num_queries: int = Field(20, ge=1, description="learnable query tokens (LQT)")
@@ -74,7 +79,7 @@ def _ofa(layers: tuple[int, int], d: int, heads: int, resnet: tuple[int, int, in
         encoder_layers=layers[0], decoder_layers=layers[1], d_model=d, heads=heads, ffn_dim=4 * d,
         backbone="resnet", resnet_layers=resnet, backbone_width=64, image_size=size, dropout=0.1,
         max_source_positions=1024, max_target_positions=1024, rel_pos_buckets=256, image_rel_pos_max=42,
-        drop_path=0.1,
+        drop_path=0.1, init_std=0.02,
     )
 
 
