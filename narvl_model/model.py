@@ -78,16 +78,13 @@ class ResNetBackbone(nn.Module):
 
 
 class SmallBackbone(nn.Module):
-    """3x3 conv + BN + GELU layers for 32-128 px images in tests and CPU profiles: a full-resolution stem conv,
-    then stride-2 convs doubling the width up to 8*width channels at stride 16 (or 8: the first doubling keeps
-    the resolution)."""
+    """Four strided 3x3 convs (stride 16 overall) for 32-128 px images in tests and CPU profiles."""
 
-    def __init__(self, width: int, stride: int = 16):
+    def __init__(self, width: int):
         super().__init__()
-        chans = [3, width, width, 2 * width, 4 * width, 8 * width]
-        strides = [1, 2, 2, 2, 2] if stride == 16 else [1, 1, 2, 2, 2]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=st, padding=1, bias=False)
-                                   for a, b, st in zip(chans[:-1], chans[1:], strides, strict=True))
+        chans = [3, width, 2 * width, 4 * width, 8 * width]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False)
+                                   for a, b in zip(chans[:-1], chans[1:], strict=True))
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in chans[1:])
         self.out_channels = chans[-1]
 
@@ -95,7 +92,14 @@ class SmallBackbone(nn.Module):
         x = image
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = F.gelu(norm(conv(x)))
-        return x  # (B, 8*width, H/stride, W/stride)
+        return x  # (B, 8*width, H/16, W/16)
+
+
+def build_backbone(cfg: ModelConfig) -> ResNetBackbone | SmallBackbone:
+    """The image backbone the config asks for (the encoder's, and what stages/pretrain.py trains)."""
+    if cfg.backbone == "resnet":
+        return ResNetBackbone(cfg.resnet_layers, cfg.backbone_width)
+    return SmallBackbone(cfg.backbone_width)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,10 +274,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
         super().__init__()
         d, self.cfg = cfg.d_model, cfg
-        if cfg.backbone == "resnet":
-            self.backbone = ResNetBackbone(cfg.resnet_layers, cfg.backbone_width)
-        else:
-            self.backbone = SmallBackbone(cfg.backbone_width, cfg.backbone_stride)
+        self.backbone = build_backbone(cfg)
         self.image_proj = nn.Linear(self.backbone.out_channels, d)
         self.embed_tokens = embed_tokens
         self.type_embedding = nn.Embedding(2, d)  # 0 text, 1 image

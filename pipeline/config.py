@@ -17,6 +17,7 @@ from stages.config import (
     DistillConfig,
     EvalConfig,
     NARTrainConfig,
+    PretrainConfig,
     ResourcesConfig,
     Strict,
     Task,
@@ -56,6 +57,7 @@ class PipelineConfig(Strict):
     tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
+    pretrain: PretrainConfig = PretrainConfig()
     train_teacher: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()
     train_nar: NARTrainConfig = NARTrainConfig()
@@ -79,6 +81,9 @@ class PipelineConfig(Strict):
                         f"train_nar.num_queries.{task}={n} is too small: the built-in benchmark's longest {task} "
                         f"target needs at least {need} queries for Q-CTC (target length + EOS + repeats)"
                     )
+        if self.pretrain.enabled and self.data.source != "shapes":
+            raise ValueError("pretrain.enabled=true needs the built-in benchmark's object annotations "
+                             "(data.source=shapes); with converted data set pretrain.enabled=false")
         if self.model.build().image_size != self.data.image_size:
             raise ValueError(
                 f"model image_size={self.model.build().image_size} differs from data.image_size="

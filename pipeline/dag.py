@@ -1,6 +1,6 @@
 """The pipeline DAG over the stages, planned against the stage cache and executed as plain Ray tasks.
 
-Per task: prepare_data -> train_teacher -> distill -> train_nar; evaluate_ar (model = train_teacher),
+Per task: prepare_data [-> pretrain] -> train_teacher -> distill -> train_nar; evaluate_ar (model = train_teacher),
 evaluate_narvl (model = train_nar); benchmark (ar = train_teacher, narvl = train_nar). Ablations from
 `cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse the cached prefix. The report is built
 by the driver at the end over all tasks.
@@ -49,6 +49,7 @@ from stages.config import (
     EvaluateStage,
     NARTrainConfig,
     PrepareDataStage,
+    PretrainStage,
     Strict,
     TrainNARStage,
     TrainStage,
@@ -57,6 +58,7 @@ from stages.config import (
 # stage name -> module (or "module:attribute" for an object with VERSION and run, as in pipeline/testing.py)
 STAGES: dict[str, str] = {
     "prepare_data": "stages.prepare_data",
+    "pretrain": "stages.pretrain",
     "train_teacher": "stages.train_teacher",
     "distill": "stages.distill",
     "train_nar": "stages.train_nar",
@@ -150,7 +152,14 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
         teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(), train=cfg.train_teacher,
                              on_bad_sample=cfg.data.on_bad_sample)
         add(Node(task, "prepare_data", "prepare_data", PrepareDataStage(task=task, data=cfg.data), {}))
-        add(Node(task, "train_teacher", "train_teacher", teacher, {"prepare_data": "prepare_data"}))
+        teacher_inputs = {"prepare_data": "prepare_data"}
+        if cfg.pretrain.enabled:
+            add(Node(task, "pretrain", "pretrain", PretrainStage(task=task, seed=cfg.seed, model=cfg.model.build(),
+                                                                 pretrain=cfg.pretrain,
+                                                                 on_bad_sample=cfg.data.on_bad_sample),
+                     {"prepare_data": "prepare_data"}))
+            teacher_inputs["pretrain"] = "pretrain"
+        add(Node(task, "train_teacher", "train_teacher", teacher, teacher_inputs))
         add(Node(task, "distill", "distill", DistillStage(task=task, distill=cfg.distill),
                  {"prepare_data": "prepare_data", "train_teacher": "train_teacher"}))
         variants: list[tuple[str | None, NARTrainConfig]] = [(None, cfg.train_nar)]

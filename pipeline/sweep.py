@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 from pipeline.config import CONFIG_DIR, ConfigError, PipelineConfig, apply_overrides, load_config
 from stages.config import Strict, Task
 
-PREFIX = ("prepare_data", "train_teacher", "distill")
+PREFIX = ("prepare_data", "pretrain", "train_teacher", "distill")  # pretrain only where enabled
 TRIAL = ("train_nar", "evaluate_narvl", "benchmark")
 
 
@@ -122,7 +122,7 @@ def _trial(config: dict) -> None:
     status = "FAILED"
     try:
         names = TRIAL if scfg.benchmark else TRIAL[:2]
-        dirs = _ensure(("prepare_data", "train_teacher", "distill", *names), cfg, root, tracker, git_info(),
+        dirs = _ensure((*PREFIX, *names), cfg, root, tracker, git_info(),
                        {"profile": cfg.profile, "name": cfg.name, "sweep": scfg.name})
         ev = json.loads((dirs["evaluate_narvl"] / "metrics.json").read_text())
         result: dict[str, Any] = {"task": task, "num_queries": n, "metric": ev["metric"], "value": ev["value"]}

@@ -17,11 +17,11 @@ from stages.common import StageLog, write_json_atomic
 
 FAKE_STAGES: dict[str, str] = {
     name: f"pipeline.testing:{name}"
-    for name in ("prepare_data", "train_teacher", "distill", "train_nar", "evaluate", "benchmark")
+    for name in ("prepare_data", "pretrain", "train_teacher", "distill", "train_nar", "evaluate", "benchmark")
 }
 EXPECTED_INPUTS = {
     "prepare_data": set(),
-    "train_teacher": {"prepare_data"},
+    "pretrain": {"prepare_data"},
     "distill": {"prepare_data", "train_teacher"},
     "evaluate": {"prepare_data", "model"},
     "benchmark": {"prepare_data", "ar", "narvl"},
@@ -101,7 +101,14 @@ class FakeStage:
         log.info(f"trained {total} steps (resumed from {start})")
         return {"steps": total, "resumed_from": start}
 
+    def _pretrain(self, cfg, inputs, out_dir, log) -> dict:
+        _record("pretrain", cfg, out_dir)
+        (out_dir / "backbone.safetensors").write_bytes(b"")
+        return {"val_shape_acc": 0.9}
+
     def _train_teacher(self, cfg, inputs, out_dir, log) -> dict:
+        if set(inputs) not in ({"prepare_data"}, {"prepare_data", "pretrain"}):
+            raise ValueError(f"train_teacher: inputs {sorted(inputs)}: expected prepare_data [+ pretrain]")
         return self._train("train_teacher", cfg, inputs, out_dir, log)
 
     def _train_nar(self, cfg, inputs, out_dir, log) -> dict:
@@ -134,6 +141,7 @@ class FakeStage:
 
 
 prepare_data = FakeStage("prepare_data")
+pretrain = FakeStage("pretrain")
 train_teacher = FakeStage("train_teacher")
 distill = FakeStage("distill")
 train_nar = FakeStage("train_nar")

@@ -96,6 +96,20 @@ class NARTrainConfig(TrainConfig):
         return self
 
 
+class PretrainConfig(Strict):
+    """Backbone pretraining on the built-in benchmark's object annotations (stages/pretrain.py): the stand-in for
+    the ImageNet-initialised backbone OFA starts from. The AR teacher's backbone starts from its weights."""
+
+    enabled: bool = False
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    shuffle_buffer: int = Field(1000, ge=0)
+    log_every: Annotated[int, Field(25, gt=0, json_schema_extra=NoCache)]
+
+
 class DistillConfig(Strict):
     beam_size: int = Field(5, ge=1)
     max_len: int = Field(24, ge=1)
@@ -136,6 +150,16 @@ class ResourcesConfig(Strict):
 class PrepareDataStage(Strict):
     task: Task
     data: DataConfig
+
+
+class PretrainStage(Strict):
+    """pretrain: the teacher's image backbone on dense object labels."""
+
+    task: Task
+    seed: int = 0
+    model: ModelConfig
+    pretrain: PretrainConfig
+    on_bad_sample: Literal["error", "skip"] = "error"
 
 
 class TrainStage(Strict):

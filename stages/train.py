@@ -212,6 +212,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(stage_cfg.seed)
     if kind == "ar":
         model = ARModel(model_cfg)
+        if config.get("backbone_init"):
+            from safetensors.torch import load_file
+
+            model.encoder.backbone.load_state_dict(load_file(config["backbone_init"]))  # strict: same architecture
     elif tc.init_from_teacher:
         teacher = load_model(Path(config["teacher_dir"]) / "checkpoint")
         model = NARVLModel.from_ar(teacher, num_queries=model_cfg.num_queries,
@@ -428,8 +432,8 @@ def read_curves(path: Path) -> list[dict]:
 
 
 def fit(kind: Kind, stage_cfg, data_dir: Path, out_dir: Path, log: StageLog, teacher_dir: Path | None = None,
-        target_override_path: Path | None = None, *, stop_after_steps: int | None = None,
-        keep_checkpoints: bool = False) -> dict:
+        target_override_path: Path | None = None, *, backbone_init: Path | None = None,
+        stop_after_steps: int | None = None, keep_checkpoints: bool = False) -> dict:
     """Train the AR teacher (`kind="ar"`) or the NARVL student (`kind="nar"`) with Ray Train + DeepSpeed.
 
     Args:
@@ -441,6 +445,7 @@ def fit(kind: Kind, stage_cfg, data_dir: Path, out_dir: Path, log: StageLog, tea
         log: the stage log (curves go through `log.metrics`).
         teacher_dir: train_teacher output (NARVL with init_from_teacher).
         target_override_path: distilled.parquet (id -> target) for knowledge distillation.
+        backbone_init: AR only: image-backbone weights (stages/pretrain.py) the encoder starts from.
         stop_after_steps: testing hook: stop (as if killed) right after the checkpoint at this step.
         keep_checkpoints: keep `ray_train/` after a finished run (default: delete it, the best model stays).
 
@@ -466,6 +471,7 @@ def fit(kind: Kind, stage_cfg, data_dir: Path, out_dir: Path, log: StageLog, tea
         "out_dir": str(out_dir), "teacher_dir": str(Path(teacher_dir).resolve()) if teacher_dir else None,
         "target_override": str(Path(target_override_path).resolve()) if target_override_path else None,
         "resume_from": str(resume) if resume else None, "stop_after_steps": stop_after_steps,
+        "backbone_init": str(Path(backbone_init).resolve()) if backbone_init else None,
         "t_driver": time.time(),
     }
     _ensure_ray()

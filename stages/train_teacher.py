@@ -16,8 +16,10 @@ def run(cfg: TrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) 
 
     Args:
         cfg: the task, seed, model and training recipe.
-        inputs: {"prepare_data": folder with tokenizer/ and the split shards}.
+        inputs: {"prepare_data": folder with tokenizer/ and the split shards, and optionally "pretrain": a
+            folder with backbone.safetensors the encoder's backbone starts from}.
         out_dir: the stage's output folder (a rerun on the same folder resumes from its last checkpoint).
         log: the stage log.
     """
-    return fit("ar", cfg, Path(inputs["prepare_data"]), Path(out_dir), log)
+    backbone = Path(inputs["pretrain"]) / "backbone.safetensors" if "pretrain" in inputs else None
+    return fit("ar", cfg, Path(inputs["prepare_data"]), Path(out_dir), log, backbone_init=backbone)

@@ -13,7 +13,8 @@ from pipeline.cache import final_dir, work_dir
 from pipeline.config import load_config
 from pipeline.testing import FAKE_STAGES, executions
 
-ALL = {"prepare_data", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl", "benchmark"}
+ALL = {"prepare_data", "pretrain", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl",
+       "benchmark"}
 
 
 def config(*overrides: str):
@@ -120,7 +121,7 @@ def test_plan_reports_hits_and_runs(root):
     plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, root).items()}
     assert {k for k, v in plan.items() if v == "run"} == {"train_nar", "evaluate_narvl", "benchmark"}
     plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, root, force=["train_teacher"]).items()}
-    assert {k for k, v in plan.items() if v == "hit"} == {"prepare_data"}
+    assert {k for k, v in plan.items() if v == "hit"} == {"prepare_data", "pretrain"}
 
 
 def test_half_written_folder_is_never_a_hit(fakes, ray_session, tmp_path):

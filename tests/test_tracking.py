@@ -12,7 +12,8 @@ from pipeline.config import load_config
 from pipeline.testing import FAKE_STAGES
 from pipeline.tracking import FileStageLog, _param_value, flatten, read_stage_metrics
 
-NODES = {"prepare_data", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl", "benchmark"}
+NODES = {"prepare_data", "pretrain", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl",
+       "benchmark"}
 
 
 def test_file_stage_log(tmp_path):
