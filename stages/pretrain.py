@@ -141,7 +141,7 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
             opt.step()
             sched.step()
             step += 1
-            window.append((float(loss), len(batch)))
+            window.append((loss.item(), len(batch)))
             if step % pc.log_every == 0 or step == pc.steps:
                 dt = time.perf_counter() - t_window
                 log.metrics({"loss": sum(v for v, _ in window) / len(window),

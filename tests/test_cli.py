@@ -44,7 +44,7 @@ def test_run_plan_compare(ray_session, tmp_path, monkeypatch):
 
     res = runner.invoke(app, ["plan", *sel])
     assert res.exit_code == 0, res.output
-    assert res.output.count("RUN") == 7 and "HIT" not in res.output
+    assert res.output.count("RUN") == 8 and "HIT" not in res.output  # 8 nodes: pretrain is on in smoke
 
     res = runner.invoke(app, ["run", "--only", "evaluate", *sel])
     assert res.exit_code == 2 and "not cached" in res.output
@@ -57,7 +57,7 @@ def test_run_plan_compare(ray_session, tmp_path, monkeypatch):
 
     res = runner.invoke(app, ["plan", *sel, "--force", "train_nar"])
     assert res.exit_code == 0
-    assert res.output.count("HIT") == 4 and res.output.count("RUN") == 3
+    assert res.output.count("HIT") == 5 and res.output.count("RUN") == 3
 
     res = runner.invoke(app, ["compare", "--root", root])
     assert res.exit_code == 0, res.output
