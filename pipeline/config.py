@@ -34,10 +34,12 @@ SHAPES_MIN_QUERIES: dict[str, int] = {"caption": 17, "vqa": 4, "grounding": 5, "
 
 
 class ModelSection(Strict):
-    """A preset name plus field overrides, e.g. {preset: cpu-tiny, d_model: 96}."""
+    """A preset name plus field overrides, e.g. {preset: cpu-tiny, overrides: {d_model: 96}}, and per-task field
+    overrides on top, e.g. {task_overrides: {vqa: {entangle_positions: false}}}."""
 
     preset: str = "cpu-tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
+    task_overrides: dict[Task, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("preset")
     @classmethod
@@ -46,8 +48,10 @@ class ModelSection(Strict):
             raise ValueError(f"unknown model preset {v!r}; choose one of {sorted(PRESETS)}")
         return v
 
-    def build(self, **extra) -> ModelConfig:
-        return ModelConfig.from_name(self.preset, **{**self.overrides, **extra})
+    def build(self, task: Task | None = None, **extra) -> ModelConfig:
+        """The model config (of `task`, with its overrides), plus `extra` fields."""
+        per_task = self.task_overrides.get(task, {}) if task is not None else {}
+        return ModelConfig.from_name(self.preset, **{**self.overrides, **per_task, **extra})
 
 
 class PipelineConfig(Strict):
@@ -70,7 +74,6 @@ class PipelineConfig(Strict):
     def _check(self) -> PipelineConfig:
         if not self.tasks:
             raise ValueError("tasks: at least one of " + ", ".join(TASKS))
-        self.model.build()  # the model section must build on its own
         if self.data.source == "shapes":
             for task in self.tasks:
                 n, need = self.train_nar.num_queries.get(task), SHAPES_MIN_QUERIES[task]
@@ -89,6 +92,9 @@ class PipelineConfig(Strict):
                 f"model image_size={self.model.build().image_size} differs from data.image_size="
                 f"{self.data.image_size}; set model.overrides.image_size or data.image_size to match"
             )
+        for task in self.tasks:
+            if self.model.build(task).image_size != self.data.image_size:
+                raise ValueError(f"model.task_overrides.{task}: image_size must stay data.image_size")
         return self
 
 

@@ -132,7 +132,7 @@ class Graph:
 
 
 def _nar_stage(cfg: PipelineConfig, task: str, train: NARTrainConfig) -> TrainNARStage:
-    model = cfg.model.build(num_queries=train.num_queries[task], decoder_input=train.decoder_input)
+    model = cfg.model.build(task, num_queries=train.num_queries[task], decoder_input=train.decoder_input)
     return TrainNARStage(task=task, seed=cfg.seed, model=model, train=train, on_bad_sample=cfg.data.on_bad_sample)
 
 
@@ -149,12 +149,12 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
         nodes[node.id] = node
 
     for task in cfg.tasks:
-        teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(), train=cfg.train_teacher,
+        teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(task), train=cfg.train_teacher,
                              on_bad_sample=cfg.data.on_bad_sample)
         add(Node(task, "prepare_data", "prepare_data", PrepareDataStage(task=task, data=cfg.data), {}))
         teacher_inputs = {"prepare_data": "prepare_data"}
         if cfg.pretrain.enabled:
-            add(Node(task, "pretrain", "pretrain", PretrainStage(task=task, seed=cfg.seed, model=cfg.model.build(),
+            add(Node(task, "pretrain", "pretrain", PretrainStage(task=task, seed=cfg.seed, model=cfg.model.build(task),
                                                                  pretrain=cfg.pretrain,
                                                                  on_bad_sample=cfg.data.on_bad_sample),
                      {"prepare_data": "prepare_data"}))

@@ -72,3 +72,16 @@ def test_bad_files(tmp_path):
         load_config(profile="nope")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(profile="smoke", overrides=["seed"])
+
+
+def test_model_task_overrides_reach_every_stage_of_that_task_only():
+    from pipeline.dag import build_graph
+
+    cfg = load_config(profile="smoke", overrides=["model.task_overrides={vqa: {entangle_positions: false}}"])
+    nodes = build_graph(cfg).nodes
+    for name in ("pretrain", "train_teacher", "train_nar"):
+        assert nodes[f"vqa/{name}"].cfg.model.entangle_positions is False
+        assert nodes[f"caption/{name}"].cfg.model.entangle_positions is True  # the cpu-nano preset's value
+    assert nodes["vqa/train_teacher"].key != build_graph(load_config(profile="smoke")).nodes["vqa/train_teacher"].key
+    with pytest.raises(ConfigError, match="entangle_position"):
+        load_config(profile="smoke", overrides=["model.task_overrides={vqa: {entangle_position: false}}"])
