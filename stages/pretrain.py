@@ -102,6 +102,7 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
     from narvl_model.model import build_backbone
     from narvl_model.tokenizer import Tokenizer
     from stages.shards import make_loader
+    from stages.train import _lr_lambda
 
     t0 = time.perf_counter()
     pc, data_dir, out_dir = cfg.pretrain, Path(inputs["prepare_data"]), Path(out_dir)
@@ -112,9 +113,7 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
     head = DenseObjectHead(backbone.out_channels)
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
-    warmup = max(1, int(round(pc.warmup_ratio * pc.steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (pc.steps - s) / max(1, pc.steps - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(pc.steps, pc.warmup_ratio))  # the trainers' schedule
 
     def batches(split: str, train: bool, epoch: int = 0):
         return make_loader(data_dir / split, tokenizer, cfg.task, pc.batch_size, train=train, seed=cfg.seed,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from stages.common import StageLog
 from stages.config import TrainStage
+from stages.pretrain import WEIGHTS
 from stages.train import fit
 
 VERSION = 1
@@ -21,5 +22,5 @@ def run(cfg: TrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) 
         out_dir: the stage's output folder (a rerun on the same folder resumes from its last checkpoint).
         log: the stage log.
     """
-    backbone = Path(inputs["pretrain"]) / "backbone.safetensors" if "pretrain" in inputs else None
+    backbone = Path(inputs["pretrain"]) / WEIGHTS if "pretrain" in inputs else None
     return fit("ar", cfg, Path(inputs["prepare_data"]), Path(out_dir), log, backbone_init=backbone)
