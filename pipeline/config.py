@@ -25,7 +25,7 @@ from stages.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-Ablation = Literal["ce", "no_kd", "encoder_input"]
+Ablation = Literal["ce", "ce_no_kd", "no_kd", "encoder_input"]
 
 # Longest target (words / tokens) the built-in benchmark produces per task, plus EOS. Q-CTC needs
 # num_queries >= target length + repeats; BPE may split a word, so the real check also runs on the
@@ -67,8 +67,13 @@ class PipelineConfig(Strict):
     train_nar: NARTrainConfig = NARTrainConfig()
     evaluate: EvalConfig = EvalConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
-    ablations: list[Ablation] = Field(default_factory=list)
+    # the same ablations for every task, or per task: {caption: [ce_no_kd, no_kd], vqa: [no_kd]}
+    ablations: list[Ablation] | dict[Task, list[Ablation]] = Field(default_factory=list)
     resources: ResourcesConfig = ResourcesConfig()
+
+    def task_ablations(self, task: Task) -> list[Ablation]:
+        """The ablations that run for `task`."""
+        return list(self.ablations.get(task, [])) if isinstance(self.ablations, dict) else list(self.ablations)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

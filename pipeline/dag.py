@@ -69,6 +69,7 @@ TRAINING_STAGES = frozenset({"train_teacher", "train_nar"})
 # ablation -> the train_nar fields it changes (paper Tables 8, 9, 6-7)
 ABLATIONS: dict[str, dict[str, Any]] = {
     "ce": {"loss": "ce"},
+    "ce_no_kd": {"loss": "ce", "kd": False},  # Table 8 compares the losses without KD: against no_kd
     "no_kd": {"kd": False},
     "encoder_input": {"decoder_input": "encoder"},
 }
@@ -163,7 +164,7 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
         add(Node(task, "distill", "distill", DistillStage(task=task, distill=cfg.distill),
                  {"prepare_data": "prepare_data", "train_teacher": "train_teacher"}))
         variants: list[tuple[str | None, NARTrainConfig]] = [(None, cfg.train_nar)]
-        variants += [(a, cfg.train_nar.model_copy(update=ABLATIONS[a])) for a in cfg.ablations]
+        variants += [(a, cfg.train_nar.model_copy(update=ABLATIONS[a])) for a in cfg.task_ablations(task)]
         for ablation, train in variants:
             suffix = f"[{ablation}]" if ablation else ""
             inputs = {"prepare_data": "prepare_data", "train_teacher": "train_teacher"}

@@ -84,7 +84,7 @@ def build_summary(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeSta
             speedup = ar_ms / nar_ms
         row["speedup"] = speedup
         tasks[task] = row
-        for ablation in cfg.ablations:
+        for ablation in cfg.task_ablations(task):
             m = load(task, f"evaluate_narvl[{ablation}]", "metrics.json")
             if m is not None:
                 ablations.setdefault(task, {})[ablation] = evaluation_row(m)

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import dag
 from pipeline.cache import final_dir, work_dir
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.testing import FAKE_STAGES, executions
 
 ALL = {"prepare_data", "pretrain", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl",
@@ -75,6 +75,19 @@ def test_graph_shape_and_ablations(fakes):
     assert plain.nodes["caption/train_nar"].key == n["caption/train_nar"].key
     assert n["caption/prepare_data"].key != n["vqa/prepare_data"].key
     assert len({x.key for x in n.values()}) == len(n)
+
+
+def test_per_task_ablations(fakes):
+    cfg = config("ablations={caption: [ce_no_kd, no_kd], vqa: [no_kd]}", "tasks=[caption,vqa]")
+    graph = dag.build_graph(cfg)
+    extra = {(n.task, n.name) for n in graph.nodes.values() if n.ablation}
+    assert extra == {("caption", "train_nar[ce_no_kd]"), ("caption", "evaluate_narvl[ce_no_kd]"),
+                     ("caption", "train_nar[no_kd]"), ("caption", "evaluate_narvl[no_kd]"),
+                     ("vqa", "train_nar[no_kd]"), ("vqa", "evaluate_narvl[no_kd]")}
+    ce = graph.nodes["caption/train_nar[ce_no_kd]"]
+    assert ce.cfg.train.loss == "ce" and not ce.cfg.train.kd and "distill" not in ce.inputs
+    with pytest.raises(ConfigError, match="ablations"):
+        config("ablations={caption: [beam]}")
 
 
 def test_rerun_is_all_cache_hits(base):
