@@ -44,8 +44,9 @@ def _err(msg: str, code: int = 2) -> typer.Exit:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.dag import PipelineError
+    from pipeline.study import StudyError
 
-    errors: list[type[BaseException]] = [ConfigError, PipelineError]
+    errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError]
     try:
         from stages.converters import ConversionError
 
@@ -296,6 +297,25 @@ def compare_table(run_ids: list[str], root: Path, tracking_uri: str | None, last
                                    (f"{task} speedup", f"{task}.speedup", "x")):
             table.add_row(label, *(_f(r.data.metrics.get(key), suffix) for r in runs))
     return table
+
+
+@app.command()
+def tables(runs: Annotated[list[Path] | None, typer.Argument(help="run folders (<root>/runs/...)")] = None,
+           root: RootOpt = DEFAULT_ROOT,
+           last: Annotated[int, typer.Option("--last", help="without RUNS: the newest N run folders")] = 3,
+           out: Annotated[Path | None, typer.Option("--out", help="also write the tables to this file")] = None,
+           ) -> None:
+    """Mean +- std over several runs (e.g. the seeds of a study): AR vs NARVL per task and the ablations."""
+    from pipeline.study import aggregate, find_runs, load_summaries, render_tables
+
+    def go() -> str:
+        folders = find_runs(root, runs or [], last)
+        return render_tables(aggregate(load_summaries(folders)), folders)
+
+    text = _guard(go)
+    typer.echo(text, nl=False)
+    if out is not None:
+        out.write_text(text)
 
 
 @app.command()
