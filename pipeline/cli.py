@@ -116,7 +116,7 @@ def plan(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overri
     graph = _guard(lambda: build_graph(cfg))
     actions = _guard(lambda: make_plan(graph, Path(root).resolve(), force or [], only))
     console = Console(soft_wrap=True)
-    for task in cfg.tasks:
+    for task in dict.fromkeys(n.task for n in graph.nodes.values()):  # the tasks, and "shared" after the first
         table = Table(title=f"{task}", title_justify="left")
         for col in ("node", "action", "key", "inputs"):
             table.add_column(col, no_wrap=col != "inputs")

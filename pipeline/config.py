@@ -24,6 +24,7 @@ from stages.config import (
     TrainConfig,
 )
 
+BACKBONE_FIELDS = ("backbone", "resnet_layers", "backbone_width")  # what narvl_model.model.build_backbone reads
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 Ablation = Literal["ce", "ce_no_kd", "no_kd", "encoder_input"]
 
@@ -100,6 +101,13 @@ class PipelineConfig(Strict):
         for task in self.tasks:
             if self.model.build(task).image_size != self.data.image_size:
                 raise ValueError(f"model.task_overrides.{task}: image_size must stay data.image_size")
+            if self.pretrain.enabled:  # one pretrained backbone serves every task
+                shared, own = self.model.build(), self.model.build(task)
+                changed = [f for f in BACKBONE_FIELDS if getattr(shared, f) != getattr(own, f)]
+                if changed:
+                    raise ValueError(f"model.task_overrides.{task} changes the image backbone ({', '.join(changed)})"
+                                     ", which the pretrain stage trains once for all tasks; set it in "
+                                     "model.overrides, or pretrain.enabled=false")
         return self
 
 

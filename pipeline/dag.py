@@ -74,6 +74,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "encoder_input": {"decoder_input": "encoder"},
 }
 DONE_STATES = ("hit", "succeeded")
+# Nodes that serve every task live under this pseudo-task (folder <root>/shared/).
+SHARED = "shared"
+SHARED_PRETRAIN = f"{SHARED}/pretrain"
 
 
 class PipelineError(RuntimeError):
@@ -103,13 +106,20 @@ class Node:
     inputs: dict[str, str]  # input name (as the stage sees it) -> upstream node name in the same task
     ablation: str | None = None
     key: str = ""
+    # False where the node's config alone determines its output, whichever task's inputs it reads: then the
+    # input keys stay out of its key (the shared pretrain: same images and objects in every task's shards)
+    keyed_inputs: bool = True
 
     @property
     def id(self) -> str:
         return f"{self.task}/{self.name}"
 
+    def upstream_id(self, up: str) -> str:
+        """An input reference: a node of the same task (`distill`) or of another (`shared/pretrain`)."""
+        return up if "/" in up else f"{self.task}/{up}"
+
     def upstream_ids(self) -> list[str]:
-        return [f"{self.task}/{n}" for n in self.inputs.values()]
+        return [self.upstream_id(n) for n in self.inputs.values()]
 
 
 @dataclass
@@ -145,7 +155,8 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
     def add(node: Node) -> None:
         if node.stage not in versions:
             versions[node.stage] = int(load_stage(STAGES[node.stage]).VERSION)
-        input_keys = {name: nodes[f"{node.task}/{up}"].key for name, up in node.inputs.items()}
+        input_keys = ({name: nodes[node.upstream_id(up)].key for name, up in node.inputs.items()}
+                      if node.keyed_inputs else {})
         node.key = node_key(node.stage, versions[node.stage], node.cfg, input_keys)
         nodes[node.id] = node
 
@@ -155,11 +166,12 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
         add(Node(task, "prepare_data", "prepare_data", PrepareDataStage(task=task, data=cfg.data), {}))
         teacher_inputs = {"prepare_data": "prepare_data"}
         if cfg.pretrain.enabled:
-            add(Node(task, "pretrain", "pretrain", PretrainStage(task=task, seed=cfg.seed, model=cfg.model.build(task),
-                                                                 pretrain=cfg.pretrain,
-                                                                 on_bad_sample=cfg.data.on_bad_sample),
-                     {"prepare_data": "prepare_data"}))
-            teacher_inputs["pretrain"] = "pretrain"
+            if SHARED_PRETRAIN not in nodes:  # one backbone pretraining for all tasks, on the first task's images
+                add(Node(SHARED, "pretrain", "pretrain",
+                         PretrainStage(seed=cfg.seed, data=cfg.data, model=cfg.model.build(),
+                                       pretrain=cfg.pretrain),
+                         {"prepare_data": f"{task}/prepare_data"}, keyed_inputs=False))
+            teacher_inputs["pretrain"] = SHARED_PRETRAIN
         add(Node(task, "train_teacher", "train_teacher", teacher, teacher_inputs))
         add(Node(task, "distill", "distill", DistillStage(task=task, distill=cfg.distill),
                  {"prepare_data": "prepare_data", "train_teacher": "train_teacher"}))
@@ -203,9 +215,9 @@ def make_plan(graph: Graph, root: Path, force: Iterable[str] = (), only: str | N
                 continue
             node = graph.nodes[i]
             for name, up in node.inputs.items():
-                if plan[f"{node.task}/{up}"] != "hit":
+                if plan[node.upstream_id(up)] != "hit":
                     raise PipelineError(
-                        f"--only {only}: {node.id} needs its input {name!r} ({node.task}/{up}), which is not"
+                        f"--only {only}: {node.id} needs its input {name!r} ({node.upstream_id(up)}), which is not"
                         " cached;"
                         f" run the pipeline without --only first (`narvl plan` shows what is cached)")
     return plan
@@ -452,7 +464,7 @@ def _submit(remote: Any, node: Node, statuses: dict[str, NodeStatus], root: Path
     st = statuses[node.id]
     clean_stale(root, node.task, node.name, node.key)
     st.run_id = tracker.start_child(node.id, _child_tags(node, common_tags))
-    ups = {name: statuses[f"{node.task}/{up}"] for name, up in node.inputs.items()}
+    ups = {name: statuses[node.upstream_id(up)] for name, up in node.inputs.items()}
     spec = node_spec(node, {name: (Path(u.dir), u.key) for name, u in ups.items()}, root, st.run_id, git)
     res = cfg.resources
     options = {"num_cpus": 0 if spec.resumable else res.cpus_per_task,

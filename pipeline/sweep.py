@@ -84,20 +84,20 @@ def _ensure(node_names: tuple[str, ...], cfg: PipelineConfig, root: Path, tracke
         params = node.cfg.model_dump(mode="json")
         if is_hit(final, node.key):
             tracker.log_hit(node.id, ntags, params, read_manifest(final) or {}, final)
-            dirs[node.name] = final
+            dirs[node.id] = final
             continue
-        missing = [up for up in node.inputs.values() if up not in dirs]
+        missing = [node.upstream_id(up) for up in node.inputs.values() if node.upstream_id(up) not in dirs]
         if missing:
             raise RuntimeError(f"{node.id}: inputs {missing} are neither cached nor part of this step")
         run_id = tracker.start_child(node.id, ntags)
-        spec = node_spec(node, {name: (dirs[up], graph.nodes[f"{node.task}/{up}"].key)
+        spec = node_spec(node, {name: (dirs[node.upstream_id(up)], graph.nodes[node.upstream_id(up)].key)
                                 for name, up in node.inputs.items()}, root, run_id, git)
         res = execute_node(spec)
         tracker.finish_child(run_id, Path(res["dir"]), params, "FINISHED" if res["status"] == "succeeded" else "FAILED")
         if res["status"] != "succeeded":
             raise RuntimeError(f"{node.id} failed:\n{res.get('error')}")
-        dirs[node.name] = Path(res["dir"])
-    return dirs
+        dirs[node.id] = Path(res["dir"])
+    return {node_id.split("/", 1)[1]: d for node_id, d in dirs.items()}
 
 
 def _trial(config: dict) -> None:

@@ -37,7 +37,7 @@ def _record(stage: str, cfg: Any, out_dir: Path, **extra: Any) -> None:
     # the node name is in the scratch folder name: .work-<name>-<key12> or .tmp-<name>-<key12>-<id>
     folder = Path(out_dir).name.split("-", 1)[1]
     node = folder.rsplit("-", 2)[0] if Path(out_dir).name.startswith(".tmp-") else folder.rsplit("-", 1)[0]
-    line = json.dumps({"task": cfg.task, "stage": stage, "node": node, **extra}) + "\n"
+    line = json.dumps({"task": getattr(cfg, "task", "shared"), "stage": stage, "node": node, **extra}) + "\n"
     fd = os.open(_root(out_dir) / "executions.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

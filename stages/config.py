@@ -153,13 +153,13 @@ class PrepareDataStage(Strict):
 
 
 class PretrainStage(Strict):
-    """pretrain: the teacher's image backbone on dense object labels."""
+    """pretrain: the teachers' image backbone on dense object labels, once for all tasks (the data config fixes
+    the images and objects, the same in every task's shards)."""
 
-    task: Task
     seed: int = 0
+    data: DataConfig
     model: ModelConfig
     pretrain: PretrainConfig
-    on_bad_sample: Literal["error", "skip"] = "error"
 
 
 class TrainStage(Strict):

@@ -29,7 +29,7 @@ from torch import nn
 from stages.common import StageLog, write_json_atomic
 from stages.config import PretrainStage
 
-VERSION = 1
+VERSION = 2  # 2: one pretraining for all tasks, on whichever task's shards it is given
 WEIGHTS = "backbone.safetensors"
 _HEADS = ("shape", "colour", "size")
 
@@ -93,7 +93,8 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
 
     Args:
         cfg: the model (its backbone is what is trained) and the pretraining recipe.
-        inputs: {"prepare_data": folder with tokenizer/, train/ and val/ shards of the built-in benchmark}.
+        inputs: {"prepare_data": folder with tokenizer/, train/ and val/ shards of the built-in benchmark, of any
+            task: every task's shards hold the same images and objects for a data config}.
         out_dir: the stage's output folder.
         log: the stage log (loss curve, validation accuracies).
     """
@@ -101,12 +102,13 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
 
     from narvl_model.model import build_backbone
     from narvl_model.tokenizer import Tokenizer
-    from stages.shards import make_loader
+    from stages.shards import make_loader, read_manifest
     from stages.train import _lr_lambda
 
     t0 = time.perf_counter()
     pc, data_dir, out_dir = cfg.pretrain, Path(inputs["prepare_data"]), Path(out_dir)
     tokenizer = Tokenizer.load(data_dir / "tokenizer")
+    task = read_manifest(data_dir / "train")["task"]  # any task's shards: only images and objects are read
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model
     backbone = build_backbone(model_cfg)  # the teacher's encoder builds the same module and loads these weights
@@ -116,9 +118,9 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(pc.steps, pc.warmup_ratio))  # the trainers' schedule
 
     def batches(split: str, train: bool, epoch: int = 0):
-        return make_loader(data_dir / split, tokenizer, cfg.task, pc.batch_size, train=train, seed=cfg.seed,
+        return make_loader(data_dir / split, tokenizer, task, pc.batch_size, train=train, seed=cfg.seed,
                            epoch=epoch, shuffle_buffer=pc.shuffle_buffer, rank=0, world_size=1,
-                           on_bad_sample=cfg.on_bad_sample, image_size=model_cfg.image_size)
+                           on_bad_sample=cfg.data.on_bad_sample, image_size=model_cfg.image_size)
 
     def step_on(batch) -> torch.Tensor:
         feats = backbone(batch.image)

@@ -79,9 +79,14 @@ def test_model_task_overrides_reach_every_stage_of_that_task_only():
 
     cfg = load_config(profile="smoke", overrides=["model.task_overrides={vqa: {entangle_positions: false}}"])
     nodes = build_graph(cfg).nodes
-    for name in ("pretrain", "train_teacher", "train_nar"):
+    for name in ("train_teacher", "train_nar"):
         assert nodes[f"vqa/{name}"].cfg.model.entangle_positions is False
         assert nodes[f"caption/{name}"].cfg.model.entangle_positions is True  # the cpu-nano preset's value
+    # one backbone pretraining for all tasks: a task may not change the backbone while it is on
+    with pytest.raises(ConfigError, match="task_overrides.vqa changes the image backbone.*backbone_width"):
+        load_config(profile="smoke", overrides=["model.task_overrides={vqa: {backbone_width: 4}}"])
+    load_config(profile="smoke",
+                overrides=["model.task_overrides={vqa: {backbone_width: 4}}", "pretrain.enabled=false"])
     assert nodes["vqa/train_teacher"].key != build_graph(load_config(profile="smoke")).nodes["vqa/train_teacher"].key
     with pytest.raises(ConfigError, match="entangle_position"):
         load_config(profile="smoke", overrides=["model.task_overrides={vqa: {entangle_position: false}}"])

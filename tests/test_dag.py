@@ -57,7 +57,8 @@ def test_graph_shape_and_ablations(fakes):
     cfg = config("ablations=[ce,no_kd,encoder_input]", "tasks=[caption,vqa]")
     graph = dag.build_graph(cfg)
     names = {n.name for n in graph.nodes.values() if n.task == "vqa"}
-    assert names == ALL | {"train_nar[ce]", "evaluate_narvl[ce]", "train_nar[no_kd]", "evaluate_narvl[no_kd]",
+    assert names == ALL - {"pretrain"} | {"train_nar[ce]", "evaluate_narvl[ce]", "train_nar[no_kd]",
+                                         "evaluate_narvl[no_kd]",
                            "train_nar[encoder_input]", "evaluate_narvl[encoder_input]"}
     n = graph.nodes
     assert n["vqa/train_nar"].inputs == {"prepare_data": "prepare_data", "train_teacher": "train_teacher",
@@ -75,6 +76,19 @@ def test_graph_shape_and_ablations(fakes):
     assert plain.nodes["caption/train_nar"].key == n["caption/train_nar"].key
     assert n["caption/prepare_data"].key != n["vqa/prepare_data"].key
     assert len({x.key for x in n.values()}) == len(n)
+
+
+def test_one_pretrain_serves_every_task(fakes):
+    graph = dag.build_graph(config("tasks=[caption,vqa]"))
+    pre = graph.nodes["shared/pretrain"]
+    assert [n.id for n in graph.nodes.values() if n.stage == "pretrain"] == ["shared/pretrain"]
+    assert pre.inputs == {"prepare_data": "caption/prepare_data"}
+    for task in ("caption", "vqa"):
+        assert graph.nodes[f"{task}/train_teacher"].inputs["pretrain"] == "shared/pretrain"
+    # the same key whichever tasks run (a VQA-only sweep reuses the full run's backbone), but not for other images
+    assert dag.build_graph(config("tasks=[vqa]")).nodes["shared/pretrain"].key == pre.key
+    assert dag.build_graph(config("tasks=[vqa]")).nodes["vqa/train_teacher"].key == graph.nodes["vqa/train_teacher"].key
+    assert dag.build_graph(config("data.seed=5")).nodes["shared/pretrain"].key != pre.key
 
 
 def test_per_task_ablations(fakes):

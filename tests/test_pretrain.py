@@ -18,12 +18,14 @@ from stages.config import DataConfig, PrepareDataStage, PretrainConfig, Pretrain
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+DATA = DataConfig(image_size=64, train_per_task=2048, val_per_task=128, test_per_task=16, samples_per_shard=256,
+                  bpe_vocab_size=200, num_bins=16)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain-data")
-    prepare_data.run(PrepareDataStage(task="vqa", data=DataConfig(
-        image_size=64, train_per_task=2048, val_per_task=128, test_per_task=16, samples_per_shard=256,
-        bpe_vocab_size=200, num_bins=16)), {}, out, PrintLog())
+    prepare_data.run(PrepareDataStage(task="vqa", data=DATA), {}, out, PrintLog())
     return out
 
 
@@ -40,7 +42,7 @@ def test_dense_targets_put_each_object_in_its_centre_cell():
 
 
 def test_pretrain_learns_objects_and_teacher_backbone_loads_it(data, tmp_path):
-    cfg = PretrainStage(task="vqa", model=ModelConfig.from_name("cpu-tiny"),
+    cfg = PretrainStage(data=DATA, model=ModelConfig.from_name("cpu-tiny"),
                         pretrain=PretrainConfig(enabled=True, steps=300, batch_size=32, log_every=50))
     out = pretrain.run(cfg, {"prepare_data": data}, tmp_path, PrintLog())
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(out)

@@ -45,8 +45,10 @@ def test_splits_and_tasks_share_no_images_across_splits(data):
               for split in ("train", "val", "test")}
     assert not hashes["train"] & hashes["val"] and not hashes["train"] & hashes["test"]
     assert not hashes["val"] & hashes["test"]
-    # one image generator: index i is the same image for every task
+    # one image generator: index i is the same image with the same objects for every task (the shared pretrain
+    # stage relies on it: it reads one task's shards for all)
     assert data["caption"][7][1] == data["grounding"][7][1]
+    assert data["caption"][7][0]["meta"]["objects"] == data["vqa"][7][0]["meta"]["objects"]
 
 
 def test_schema_image_and_non_overlap(data):
