@@ -26,7 +26,8 @@ TRIAL = ("train_nar", "evaluate_narvl", "benchmark")
 
 class SweepConfig(Strict):
     name: str = "narvl-sweep"
-    pipeline: str = Field("default", description="a profile name or a pipeline YAML path")
+    pipeline: str = Field("default", description="a profile name, or a pipeline YAML path (absolute, relative to "
+                                                 "the working directory or to configs/)")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides applied to the pipeline")
     num_queries: dict[Task, list[int]] = Field(description="the grid: task -> query counts")
     max_concurrent_trials: int = Field(1, ge=1)
@@ -62,8 +63,10 @@ def pipeline_for(scfg: SweepConfig, task: str | None = None, n: int | None = Non
     if n is not None:
         extra += [f"train_nar.num_queries.{task}={n}"]
     path = Path(scfg.pipeline)
-    if not path.suffix:
+    if not path.suffix:  # a profile name
         path = CONFIG_DIR / "pipelines" / f"{scfg.pipeline}.yaml"
+    elif not path.is_absolute() and not path.exists() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path  # relative to configs/, e.g. studies/paper_tables.yaml
     return load_config(path, overrides=[*scfg.overrides, *extra])
 
 

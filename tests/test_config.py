@@ -35,6 +35,19 @@ def test_sweep_configs_validate_at_every_grid_point(path: Path):
             assert pipeline_for(scfg, task, n).train_nar.num_queries[task] == n
 
 
+def test_table10_sweep_runs_on_the_study_prefix_for_one_epoch():
+    from pipeline.dag import build_graph
+    from pipeline.sweep import load_sweep_config, pipeline_for
+
+    scfg = load_sweep_config(CONFIG_DIR / "sweeps" / "query_length.yaml")
+    trial = pipeline_for(scfg, "caption", 100)
+    study = load_config(CONFIG_DIR / "studies" / "paper_tables.yaml")
+    assert trial.train_nar.max_steps * trial.train_nar.batch_size >= trial.data.train_per_task  # one epoch
+    a, b = build_graph(trial).nodes, build_graph(study).nodes
+    assert a["caption/train_teacher"].key == b["caption/train_teacher"].key  # the study's teacher is reused
+    assert a["caption/distill"].key == b["caption/distill"].key
+
+
 @pytest.mark.parametrize("path", OTHER_YAML, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_other_configs_parse(path: Path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
