@@ -5,7 +5,8 @@
 Timing: CUDA when available (synchronised before reading the clock), else CPU; the first iteration is dropped
 (warm-up). The AR searches are forced to run exactly --max-len steps (+ the eos step): EOS is banned before
 max_len (min_len = max_len), so random weights cannot end a search early and both searches do the work of a
-max_len-token output. NARVL runs one encoder + one decoder pass for each N in --queries.
+max_len-token output. NARVL runs one encoder + one decoder pass for each N in --queries; with --encoder-input
+also with the encoder output (image + prompt tokens) as the decoder input instead of the queries.
 Not a test: it prints a table.
 """
 
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=16, help="AR output tokens (forced)")
     ap.add_argument("--queries", type=int, nargs="+", default=[10, 20, 100, 500, 1000])
     ap.add_argument("--prompt-len", type=int, default=10)
+    ap.add_argument("--encoder-input", action="store_true",
+                    help="also time NARVL with the encoder output as decoder input (tables 6-7)")
     ap.add_argument("--image-size", type=int, default=None, help="default: the preset's image_size")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +87,9 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
         for n in args.queries:
             nar = NARVLModel.from_ar(ar, n).eval()
             rows.append((f"NARVL N={n}", timed(partial(nar, image, src), args.iters, device)))
+        if args.encoder_input:
+            enc = NARVLModel.from_ar(ar, max(args.queries), decoder_input="encoder").eval()
+            rows.append(("NARVL enc-input", timed(partial(enc, image, src), args.iters, device)))
     n_params = count_parameters(ar) / 1e6
     greedy_mean, beam_mean = summary(rows[0][1])[0], summary(rows[1][1])[0]
     for method, ms in rows:
