@@ -85,10 +85,11 @@ class PipelineConfig(Strict):
                 n, need = self.train_nar.num_queries.get(task), SHAPES_MIN_QUERIES[task]
                 if n is None:
                     raise ValueError(f"train_nar.num_queries has no entry for task {task!r}")
-                if self.train_nar.loss == "qctc" and n < need:
+                if self.train_nar.loss == "qctc" and n < need and not self.train_nar.allow_infeasible_queries:
                     raise ValueError(
                         f"train_nar.num_queries.{task}={n} is too small: the built-in benchmark's longest {task} "
-                        f"target needs at least {need} queries for Q-CTC (target length + EOS + repeats)"
+                        f"target needs at least {need} queries for Q-CTC (target length + EOS + repeats); set "
+                        "train_nar.allow_infeasible_queries=true to train on the targets that fit anyway"
                     )
         if self.pretrain.enabled and self.data.source != "shapes":
             raise ValueError("pretrain.enabled=true needs the built-in benchmark's object annotations "

@@ -75,6 +75,19 @@ def test_bad_overrides_name_the_field(override: str, field: str):
     assert field in str(e.value)
 
 
+def test_too_few_queries_only_when_asked_for_and_outside_the_key():
+    from pipeline.dag import build_graph
+
+    with pytest.raises(ConfigError, match="allow_infeasible_queries"):
+        load_config(profile="smoke", overrides=["train_nar.num_queries.caption=10"])
+    cfg = load_config(profile="smoke", overrides=["train_nar.num_queries.caption=10",
+                                                  "train_nar.allow_infeasible_queries=true"])
+    assert cfg.train_nar.num_queries["caption"] == 10
+    same = load_config(profile="smoke", overrides=["train_nar.allow_infeasible_queries=true"])
+    assert build_graph(same).nodes["caption/train_nar"].key == \
+        build_graph(load_config(profile="smoke")).nodes["caption/train_nar"].key
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
