@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=16, help="AR output tokens (forced)")
     ap.add_argument("--queries", type=int, nargs="+", default=[10, 20, 100, 500, 1000])
     ap.add_argument("--prompt-len", type=int, default=10)
+    ap.add_argument("--vocab-size", type=int, default=OFA_VOCAB_SIZE,
+                    help="output vocabulary (default OFA's; the built-in benchmark's is about 1,100)")
     ap.add_argument("--encoder-input", action="store_true",
                     help="also time NARVL with the encoder output as decoder input (tables 6-7)")
     ap.add_argument("--image-size", type=int, default=None, help="default: the preset's image_size")
@@ -72,12 +74,12 @@ def main() -> None:
 
 def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> None:
     """Print one row per method for one preset."""
-    cfg = ModelConfig.from_name(preset, vocab_size=OFA_VOCAB_SIZE + 1, blank_id=OFA_VOCAB_SIZE, dropout=0.0,
+    cfg = ModelConfig.from_name(preset, vocab_size=args.vocab_size + 1, blank_id=args.vocab_size, dropout=0.0,
                                 drop_path=0.0, max_queries=max(1024, *args.queries))
     size = args.image_size or cfg.image_size
     g = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, size, size, generator=g).to(device)
-    src = torch.randint(4, 50000, (1, args.prompt_len), generator=g).to(device)
+    src = torch.randint(4, args.vocab_size, (1, args.prompt_len), generator=g).to(device)
     torch.manual_seed(0)
     ar = ARModel(cfg).to(device).eval()
     greedy = partial(greedy_search, ar, image, src, args.max_len, min_len=args.max_len)

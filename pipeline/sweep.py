@@ -186,9 +186,11 @@ def run_sweep(scfg: SweepConfig, root: Path, *, address: str | None = None, trac
         for r in results:
             if r.error is not None:
                 errors.append(f"{r.config['trial']}: {r.error}")
-            elif r.metrics:
+            elif r.metrics and r.metrics.get("task") is not None:
                 rows.append({k: r.metrics.get(k) for k in ("task", "num_queries", "metric", "value", "latency_ms",
                                                            "ar_latency_ms", "speedup", "wall_s")})
+            else:  # stopped before it reported (e.g. the sweep was interrupted): no row, but say so
+                errors.append(f"{r.config['trial']}: no result (stopped before it finished)")
         rows.sort(key=lambda r: (r["task"], r["num_queries"]))
         out = root / "sweeps" / f"{stamp}-{parent[:8]}"
         write_sweep_report(rows, out)
