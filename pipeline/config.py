@@ -99,11 +99,12 @@ class PipelineConfig(Strict):
                 f"model image_size={self.model.build().image_size} differs from data.image_size="
                 f"{self.data.image_size}; set model.overrides.image_size or data.image_size to match"
             )
+        shared = self.model.build()
         for task in self.tasks:
-            if self.model.build(task).image_size != self.data.image_size:
+            own = self.model.build(task)
+            if own.image_size != self.data.image_size:
                 raise ValueError(f"model.task_overrides.{task}: image_size must stay data.image_size")
             if self.pretrain.enabled:  # one pretrained backbone serves every task
-                shared, own = self.model.build(), self.model.build(task)
                 changed = [f for f in BACKBONE_FIELDS if getattr(shared, f) != getattr(own, f)]
                 if changed:
                     raise ValueError(f"model.task_overrides.{task} changes the image backbone ({', '.join(changed)})"

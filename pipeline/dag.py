@@ -1,7 +1,7 @@
 """The pipeline DAG over the stages, planned against the stage cache and executed as plain Ray tasks.
 
-Per task: prepare_data [-> pretrain] -> train_teacher -> distill -> train_nar; evaluate_ar (model = train_teacher),
-evaluate_narvl (model = train_nar); benchmark (ar = train_teacher, narvl = train_nar). Ablations from
+Per task: prepare_data [-> shared/pretrain, one for all tasks] -> train_teacher -> distill -> train_nar;
+evaluate_ar (model = train_teacher), evaluate_narvl (model = train_nar); benchmark (ar = train_teacher, narvl = train_nar). Ablations from
 `cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse the cached prefix. The report is built
 by the driver at the end over all tasks.
 
@@ -103,7 +103,8 @@ class Node:
     name: str  # e.g. train_nar, evaluate_narvl[ce]
     stage: str  # e.g. train_nar, evaluate
     cfg: Strict
-    inputs: dict[str, str]  # input name (as the stage sees it) -> upstream node name in the same task
+    inputs: dict[str, str]  # input name (as the stage sees it) -> upstream node: a name in the same task or a
+    # node id of another (`shared/pretrain`)
     ablation: str | None = None
     key: str = ""
     # False where the node's config alone determines its output, whichever task's inputs it reads: then the
