@@ -1,8 +1,8 @@
 """The pipeline DAG over the stages, planned against the stage cache and executed as plain Ray tasks.
 
 Per task: prepare_data [-> shared/pretrain, one for all tasks] -> train_teacher -> distill -> train_nar;
-evaluate_ar (model = train_teacher), evaluate_narvl (model = train_nar); benchmark (ar = train_teacher, narvl = train_nar). Ablations from
-`cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse the cached prefix. The report is built
+evaluate_ar (model = train_teacher), evaluate_narvl (model = train_nar); benchmark (ar = train_teacher,
+narvl = train_nar). Ablations from `cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse the cached prefix. The report is built
 by the driver at the end over all tasks.
 
 Execution: the driver submits a node as a `ray.remote` task as soon as all its upstream nodes are cache hits or
