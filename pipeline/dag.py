@@ -2,8 +2,8 @@
 
 Per task: prepare_data [-> shared/pretrain, one for all tasks] -> train_teacher -> distill -> train_nar;
 evaluate_ar (model = train_teacher), evaluate_narvl (model = train_nar); benchmark (ar = train_teacher,
-narvl = train_nar). Ablations from `cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse the cached prefix. The report is built
-by the driver at the end over all tasks.
+narvl = train_nar). Ablations from `cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse
+the cached prefix. The report is built by the driver at the end over all tasks.
 
 Execution: the driver submits a node as a `ray.remote` task as soon as all its upstream nodes are cache hits or
 have succeeded (at most `resources.max_concurrent_tasks` at a time), so independent nodes run concurrently and
