@@ -113,6 +113,12 @@ class PipelineConfig(Strict):
         return self
 
 
+def backbone_config(model: ModelConfig) -> ModelConfig:
+    """What the pretrain stage reads of a model config (the backbone fields and the image size), the other fields
+    at their defaults: the pretrain key then changes with the backbone only, not with d_model or dropout."""
+    return ModelConfig(**{f: getattr(model, f) for f in (*BACKBONE_FIELDS, "image_size")})
+
+
 class ConfigError(ValueError):
     """A config file or override that does not validate; the message names the field and the fix."""
 

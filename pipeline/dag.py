@@ -42,7 +42,7 @@ from pipeline.cache import (
     work_dir,
     write_manifest,
 )
-from pipeline.config import ConfigError, PipelineConfig, config_to_yaml
+from pipeline.config import ConfigError, PipelineConfig, backbone_config, config_to_yaml
 from stages.config import (
     BenchmarkStage,
     DistillStage,
@@ -169,7 +169,7 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
         if cfg.pretrain.enabled:
             if SHARED_PRETRAIN not in nodes:  # one backbone pretraining for all tasks, on the first task's images
                 add(Node(SHARED, "pretrain", "pretrain",
-                         PretrainStage(seed=cfg.seed, data=cfg.data, model=cfg.model.build(),
+                         PretrainStage(seed=cfg.seed, data=cfg.data, model=backbone_config(cfg.model.build()),
                                        pretrain=cfg.pretrain),
                          {"prepare_data": f"{task}/prepare_data"}, keyed_inputs=False))
             teacher_inputs["pretrain"] = SHARED_PRETRAIN

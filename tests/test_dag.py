@@ -89,6 +89,9 @@ def test_one_pretrain_serves_every_task(fakes):
     assert dag.build_graph(config("tasks=[vqa]")).nodes["shared/pretrain"].key == pre.key
     assert dag.build_graph(config("tasks=[vqa]")).nodes["vqa/train_teacher"].key == graph.nodes["vqa/train_teacher"].key
     assert dag.build_graph(config("data.seed=5")).nodes["shared/pretrain"].key != pre.key
+    # the key follows the backbone, not the rest of the model
+    assert dag.build_graph(config("model.overrides.d_model=96")).nodes["shared/pretrain"].key == pre.key
+    assert dag.build_graph(config("model.overrides.backbone_width=12")).nodes["shared/pretrain"].key != pre.key
 
 
 def test_per_task_ablations(fakes):
