@@ -26,7 +26,14 @@ from stages.config import (
 
 BACKBONE_FIELDS = ("backbone", "resnet_layers", "backbone_width")  # what narvl_model.model.build_backbone reads
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-Ablation = Literal["ce", "ce_no_kd", "no_kd", "encoder_input"]
+# ablation -> the train_nar fields it changes (paper Tables 8, 9, 6-7)
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "ce": {"loss": "ce"},
+    "ce_no_kd": {"loss": "ce", "kd": False},  # Table 8 compares the losses without KD: against no_kd
+    "no_kd": {"kd": False},
+    "encoder_input": {"decoder_input": "encoder"},
+}
+Ablation = Literal[*ABLATIONS]  # type: ignore[valid-type]  # the names above, checked by pydantic
 
 # Longest target (words / tokens) the built-in benchmark produces per task, plus EOS. Q-CTC needs
 # num_queries >= target length + repeats; BPE may split a word, so the real check also runs on the

@@ -42,7 +42,7 @@ from pipeline.cache import (
     work_dir,
     write_manifest,
 )
-from pipeline.config import ConfigError, PipelineConfig, backbone_config, config_to_yaml
+from pipeline.config import ABLATIONS, ConfigError, PipelineConfig, backbone_config, config_to_yaml
 from stages.config import (
     BenchmarkStage,
     DistillStage,
@@ -66,13 +66,6 @@ STAGES: dict[str, str] = {
     "benchmark": "stages.benchmark",
 }
 TRAINING_STAGES = frozenset({"train_teacher", "train_nar"})
-# ablation -> the train_nar fields it changes (paper Tables 8, 9, 6-7)
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "ce": {"loss": "ce"},
-    "ce_no_kd": {"loss": "ce", "kd": False},  # Table 8 compares the losses without KD: against no_kd
-    "no_kd": {"kd": False},
-    "encoder_input": {"decoder_input": "encoder"},
-}
 DONE_STATES = ("hit", "succeeded")
 # Nodes that serve every task live under this pseudo-task (folder <root>/shared/).
 SHARED = "shared"
