@@ -109,6 +109,12 @@ def render_markdown(summary: dict, statuses: dict[str, NodeStatus], info: dict[s
         metric = ar["metric"] or nar["metric"] or "-"
         lines.append(f"| {task} | {metric} | {_fmt(ar['value'])} | {_fmt(nar['value'])}"
                      f" | {_fmt(ar['latency_ms'])} | {_fmt(nar['latency_ms'])} | {_fmt(row['speedup'])}x |")
+    blind = {task: row["ar"]["metrics"].get(f"blind_{row['ar']['metric']}") for task, row in summary["tasks"].items()}
+    blind = {task: v * 100 for task, v in blind.items() if isinstance(v, int | float)}
+    if blind:
+        lines += ["", "Text-only baseline (the answer most often right for the same question / hypothesis in the "
+                  "training split, no image): " + ", ".join(f"{t} {_fmt(v)}" for t, v in blind.items())
+                  + ". The score above it is what a model reads from the image."]
     if summary.get("ablations"):
         lines += ["", "## Ablations (NARVL variants)", "",
                   "| task | variant | metric | value |", "|---|---|---|---|"]

@@ -131,6 +131,8 @@ class EvalConfig(Strict):
     nar_beam_size: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
     max_samples: int | None = Field(None, gt=0)
+    blind_baseline: bool = Field(True, description="VQA and entailment: also score a text-only baseline built from "
+                                 "the training split (reads every training sample once)")
 
 
 class BenchmarkConfig(Strict):

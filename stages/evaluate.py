@@ -3,7 +3,9 @@
 Writes `predictions.parquet` (id, prediction, references json, score) and `metrics.json`
 `{"metric": <main metric>, "value": <paper scale>, "metrics": {...}}` (CIDEr x100, accuracies in %).
 NARVL runs also get diagnostics: the share of eval targets its queries cannot emit under CTC, the mean collapsed
-output length against the reference length, and how often outputs repeat tokens.
+output length against the reference length, and how often outputs repeat tokens. VQA and entailment runs also get
+the score of a text-only ("blind") baseline on the same samples (`blind_accuracy`): what can be answered from the
+question or hypothesis alone, so that the part of a model's score that needs the image is visible.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from stages.common import StageLog, write_json_atomic
 from stages.config import EvaluateStage
 
-VERSION = 1
+VERSION = 2  # 2: text-only baseline (blind_accuracy)
 MAIN_METRIC = {"caption": "CIDEr", "vqa": "accuracy", "grounding": "acc@0.5", "entailment": "accuracy"}
 
 
@@ -142,6 +144,38 @@ def narvl_diagnostics(task: str, outputs: dict[str, list[int]], samples: dict[st
             "duplicate_token_share": dup / n, "num_queries": num_queries}
 
 
+def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> dict[str, Any] | None:
+    """Text-only predictions for the eval samples (VQA and entailment; None for other tasks).
+
+    VQA: the answer most often right for the same question in the training split (the majority of its ten
+    answers); entailment: the label most often given to the same hypothesis, the premise caption left out. A text
+    the training split never had gets the split's most frequent answer. The question-only prior of the VQA
+    literature; on the built-in benchmark it tells what a model reads from the image (see docs/REPRODUCTION.md).
+    """
+    from collections import Counter, defaultdict
+
+    from stages.prepare_data import iter_split_samples
+    from stages.tasks import majority_answer
+
+    if task == "vqa":
+        key, answer = (lambda s: s["question"]), (lambda s: majority_answer(s["answers"]))
+    elif task == "entailment":
+        key, answer = (lambda s: s["hypothesis"]), (lambda s: s["label"])
+    else:
+        return None
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    for s in iter_split_samples(Path(train_dir), task):
+        a = answer(s)
+        by_text[key(s)][a] += 1
+        overall[a] += 1
+    if not overall:
+        raise ValueError(f"evaluate: no training samples in {train_dir} for the text-only baseline")
+    fallback = overall.most_common(1)[0][0]
+    return {k: (by_text[key(s)].most_common(1)[0][0] if key(s) in by_text else fallback)
+            for k, s in samples.items()}
+
+
 # ---- the stage ------------------------------------------------------------------------------------------------
 def run(cfg: EvaluateStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
     """Decode the eval split with the model and score it.
@@ -192,6 +226,9 @@ def run(cfg: EvaluateStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
         raise ValueError(f"evaluate: no samples in {data_dir / ec.split}")
 
     metrics, per, refs = score(cfg.task, preds, samples, log)
+    blind = blind_baseline(cfg.task, data_dir / "train", samples) if ec.blind_baseline else None
+    if blind is not None:
+        metrics[f"blind_{MAIN_METRIC[cfg.task]}"] = score(cfg.task, blind, samples)[0][MAIN_METRIC[cfg.task]]
     if cfg.kind == "narvl":
         metrics.update(narvl_diagnostics(cfg.task, outputs, samples, tokenizer, model.cfg.num_queries))
     name = MAIN_METRIC[cfg.task]

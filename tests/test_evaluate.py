@@ -25,6 +25,7 @@ def test_evaluate_writes_the_contract(kind, shared_data, shared_teacher, shared_
     rows = pq.read_table(tmp_path / "predictions.parquet").to_pylist()
     assert len(rows) == 16 and set(rows[0]) == {"id", "prediction", "references", "score"}
     assert sum(r["score"] for r in rows) / 16 == pytest.approx(saved["metrics"]["accuracy"])
+    assert 0.0 <= saved["metrics"]["blind_accuracy"] <= 1.0  # the text-only baseline of the same samples
     if kind == "narvl":
         keys = ("infeasible_eval_target_rate", "mean_output_len", "mean_reference_len", "adjacent_repeat_rate")
         assert set(keys) <= set(saved["metrics"])
@@ -45,3 +46,20 @@ def test_perfect_predictions_score_100_on_the_paper_scale():
     word = evaluate.postprocess("entailment", tok.encode("maybe yes"), ent["e"], tok)
     metrics, per, _ = evaluate.score("entailment", {"e": word}, ent)
     assert word == "maybe" and metrics["accuracy"] == 1.0 and per["e"] == 1.0
+
+
+def test_blind_baseline_answers_each_text_with_its_most_frequent_training_answer(tmp_path):
+    from stages.shapes import make_sample
+    from stages.shards import ShardWriter
+
+    writer = ShardWriter(tmp_path / "train", "train", 4)
+    for i, (hypothesis, label) in enumerate([("h1", "no"), ("h1", "no"), ("h1", "yes"), ("h2", "maybe"),
+                                             ("h3", "yes"), ("h4", "yes")]):
+        sample, png = make_sample("entailment", "train", i, 32, 0, 2)
+        writer.write({**sample, "hypothesis": hypothesis, "label": label}, png, "png")
+    writer.close({"name": "test"})
+    samples = {k: {"id": k, "task": "entailment", "hypothesis": h, "label": "no"} for k, h in
+               [("a", "h1"), ("b", "h2"), ("c", "never seen")]}
+    # h1: "no" twice, "yes" once; an unseen hypothesis gets the split's most frequent label ("yes": 3 of 6)
+    assert evaluate.blind_baseline("entailment", tmp_path / "train", samples) == {"a": "no", "b": "maybe", "c": "yes"}
+    assert evaluate.blind_baseline("grounding", tmp_path / "train", samples) is None

@@ -44,7 +44,11 @@ def test_smoke_pipeline_end_to_end(smoke_run):
             assert 0.0 <= r["value"] <= (1000.0 if task == "caption" else 100.0), (task, kind, r["value"])
             assert r["latency_ms"] > 0
         assert row["speedup"] > 0
-    assert (result.report_dir / "report.md").read_text().count("|") > 10
+    report = (result.report_dir / "report.md").read_text()
+    assert report.count("|") > 10
+    if "vqa" in cfg.tasks:  # the question-only baseline, next to the table
+        blind = result.summary["tasks"]["vqa"]["ar"]["metrics"]["blind_accuracy"]
+        assert f"vqa {100 * blind:.2f}" in report
     # every executed stage left a finished folder with the manifest written last and the resolved config
     for st in result.statuses.values():
         manifest = json.loads((st.dir / "manifest.json").read_text())
