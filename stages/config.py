@@ -132,7 +132,7 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1)
     max_samples: int | None = Field(None, gt=0)
     blind_baseline: bool = Field(True, description="VQA and entailment: also score a text-only baseline built from "
-                                 "the training split (reads every training sample once)")
+                                 "the training split (reads every training sample's JSON once, not its image)")
 
 
 class BenchmarkConfig(Strict):

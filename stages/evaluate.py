@@ -154,7 +154,7 @@ def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> dict
     """
     from collections import Counter, defaultdict
 
-    from stages.prepare_data import iter_split_samples
+    from stages.shards import iter_split_json
     from stages.tasks import majority_answer
 
     if task == "vqa":
@@ -165,7 +165,7 @@ def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> dict
         return None
     by_text: dict[str, Counter] = defaultdict(Counter)
     overall: Counter = Counter()
-    for s in iter_split_samples(Path(train_dir), task):
+    for s in iter_split_json(train_dir, task):
         a = answer(s)
         by_text[key(s)][a] += 1
         overall[a] += 1

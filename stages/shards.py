@@ -190,8 +190,13 @@ def parse_sample(shard: Path, key: str, parts: dict[str, bytes], task: str) -> t
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     if image is None:
         raise DataError(f"{where}: no image member (.png or .jpg; got {sorted(parts)})")
+    return parse_sample_json(where, parts["json"], task), image
+
+
+def parse_sample_json(where: str, data: bytes, task: str) -> dict:
+    """One sample's JSON checked against the schema of `task`; DataError starts with `where`."""
     try:
-        sample = json.loads(parts["json"])
+        sample = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: .json is not valid JSON ({e})") from e
     if not isinstance(sample, dict):
@@ -202,7 +207,29 @@ def parse_sample(shard: Path, key: str, parts: dict[str, bytes], task: str) -> t
         raise DataError(f"{where}: JSON lacks {missing} (a {task} sample needs {list(need)})")
     if sample["task"] != task:
         raise DataError(f"{where}: task {sample['task']!r}, expected {task!r}")
-    return sample, image
+    return sample
+
+
+def iter_split_json(split_dir: str | Path, task: str) -> Iterator[dict]:
+    """The JSON of every sample of a split, in manifest order, without reading the images: the tars are opened
+    for random access, so the reader seeks over image members (a converted dataset's train split can hold tens
+    of GB of images). Schema-checked like `parse_sample`; the images are not checked here."""
+    split_dir = Path(split_dir)
+    for shard in read_manifest(split_dir)["shards"]:
+        path = split_dir / shard["name"]
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    name = member.name.rsplit("/", 1)[-1]
+                    if not member.isfile() or not name.lower().endswith(".json"):
+                        continue
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise DataError(f"{path}: member {member.name} truncated ({len(data)} of {member.size} bytes)")
+                    yield parse_sample_json(f"{path}: sample {name.partition('.')[0]!r}", data, task)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from e
 
 
 @dataclass

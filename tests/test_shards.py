@@ -203,3 +203,20 @@ def test_writer_rejects_bad_samples(tmp_path):
     w.write(sample, png)
     with pytest.raises(DataError, match="written twice"):
         w.write(sample, png)
+
+
+def test_iter_split_json_reads_every_sample_json_but_no_image(tmp_path, caption_dirs):
+    from stages.prepare_data import iter_split_samples
+    from stages.shards import iter_split_json
+
+    assert list(iter_split_json(caption_dirs["many"], "caption")) == list(iter_split_samples(caption_dirs["many"],
+                                                                                                "caption"))
+    no_refs = json.loads(_good(1)[0][1])
+    del no_refs["references"]
+    d = _raw_split(tmp_path / "bad", _good(0) + [_good(2)[0], ("s2.png", b"not a png")]
+                   + [("s1.json", json.dumps(no_refs).encode()), _good(1)[1]])
+    with pytest.raises(DataError, match=r"sample 's1': JSON lacks \['references'\]"):
+        list(iter_split_json(d, "caption"))
+    # images are not read: a broken image does not stop the JSON reader
+    d2 = _raw_split(tmp_path / "img", _good(0) + [_good(2)[0], ("s2.png", b"x")])
+    assert [s["id"] for s in iter_split_json(d2, "caption")] == ["s0", "s2"]
