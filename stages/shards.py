@@ -156,6 +156,15 @@ def count_samples(split_dir: str | Path) -> int:
     return int(read_manifest(split_dir)["count"])
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
+    """A member's whole content; DataError when the tar ends inside it."""
+    f = tar.extractfile(member)
+    data = f.read() if f is not None else b""
+    if len(data) != member.size:
+        raise DataError(f"{path}: member {member.name} truncated ({len(data)} of {member.size} bytes)")
+    return data
+
+
 def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of a tar; a sample's members are adjacent, key = name up to the first dot."""
     key: str | None = None
@@ -167,10 +176,7 @@ def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     continue
                 name = member.name.rsplit("/", 1)[-1]
                 k, _, ext = name.partition(".")
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise DataError(f"{path}: member {member.name} truncated ({len(data)} of {member.size} bytes)")
+                data = _member_bytes(tar, member, path)
                 if k != key and key is not None:
                     yield key, parts
                     parts = {}
@@ -223,11 +229,8 @@ def iter_split_json(split_dir: str | Path, task: str) -> Iterator[dict]:
                     name = member.name.rsplit("/", 1)[-1]
                     if not member.isfile() or not name.lower().endswith(".json"):
                         continue
-                    f = tar.extractfile(member)
-                    data = f.read() if f is not None else b""
-                    if len(data) != member.size:
-                        raise DataError(f"{path}: member {member.name} truncated ({len(data)} of {member.size} bytes)")
-                    yield parse_sample_json(f"{path}: sample {name.partition('.')[0]!r}", data, task)
+                    yield parse_sample_json(f"{path}: sample {name.partition('.')[0]!r}",
+                                            _member_bytes(tar, member, path), task)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from e
 
