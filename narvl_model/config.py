@@ -48,6 +48,8 @@ class ModelConfig(BaseModel):
     # NARVL
     num_queries: int = Field(20, ge=1, description="learnable query tokens (LQT)")
     decoder_input: Literal["queries", "encoder"] = "queries"
+    nar_loss: Literal["qctc", "ce"] = Field("qctc", description="NARVL: the loss it is trained with, which decides "
+                                            "its decoding (qctc: CTC collapse; ce: position-wise up to EOS)")
     # vocabulary (from the tokenizer)
     vocab_size: int | None = Field(None, gt=0, description="including location bins and the CTC blank")
     pad_id: int = 1

@@ -9,8 +9,10 @@ Layout (one folder per node, `<name>` is the node name with an ablation as `.<ab
 ```
 
 A stage runs with `out_dir` = its scratch dir; on success the manifest is written into it and the folder is
-renamed to `<name>-<key12>`. A folder is a cache hit only when its manifest says `succeeded` with the same key,
-so a half-written folder (no manifest) is never a hit.
+renamed to `<name>-<key12>`. On an object-store root the scratch dir is on the node that ran the stage and
+publishing uploads every file, then the manifest. A folder is a cache hit only when its manifest says `succeeded`
+with the same key, so a half-written folder (no manifest) is never a hit. The manifest lists the sha256 of every
+file of the folder (`files`); a stage that reads the folder from another node checks them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import cache_dict
+from pipeline.storage import Storage
 from stages.common import write_json_atomic
 from stages.config import Strict
 
@@ -54,13 +57,23 @@ def folder_name(node_name: str, key: str) -> str:
     return f"{safe}-{key[:12]}"
 
 
+def final_rel(task: str, node_name: str, key: str) -> str:
+    """A finished stage folder, relative to the root."""
+    return f"{task}/{folder_name(node_name, key)}"
+
+
+def work_rel(task: str, node_name: str, key: str) -> str:
+    """A training stage's work folder (checkpoints), relative to the root: a rerun resumes from it."""
+    return f"{task}/.work-{folder_name(node_name, key)}"
+
+
 def final_dir(root: Path, task: str, node_name: str, key: str) -> Path:
-    return Path(root) / task / folder_name(node_name, key)
+    return Path(root) / final_rel(task, node_name, key)
 
 
 def work_dir(root: Path, task: str, node_name: str, key: str) -> Path:
     """The stable scratch dir of a training stage: a rerun after a crash finds its checkpoints here."""
-    return Path(root) / task / f".work-{folder_name(node_name, key)}"
+    return Path(root) / work_rel(task, node_name, key)
 
 
 def tmp_dir(root: Path, task: str, node_name: str, key: str) -> Path:
@@ -77,18 +90,31 @@ def read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def is_hit(folder: Path, key: str) -> bool:
+def is_hit(storage: Storage, rel: str, key: str) -> bool:
     """A cache hit: the manifest exists, says succeeded, and carries the same key."""
-    m = read_manifest(folder)
-    return bool(m) and m.get("status") == "succeeded" and m.get("key") == key
+    m = storage.read_json(f"{rel}/{MANIFEST}")
+    return isinstance(m, dict) and m.get("status") == "succeeded" and m.get("key") == key
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(Path(folder) / MANIFEST, manifest)
 
 
-def publish(scratch: Path, final: Path) -> None:
-    """Rename a finished scratch dir into place, replacing a stale or forced older folder."""
+def publish(storage: Storage, scratch: Path, rel: str, manifest: dict[str, Any]) -> None:
+    """Put a finished scratch dir in place as `rel`, the manifest last: a rename on a local root (replacing a stale
+    or forced older folder), an upload of every file and then the manifest on an object store."""
+    if storage.remote:
+        old = storage.read_json(f"{rel}/{MANIFEST}")
+        if old is not None:  # a forced rerun: the old folder stops being a hit before any file changes
+            storage.delete_dir(rel)
+        storage.upload_dir(scratch, rel, skip=(MANIFEST,))
+        storage.write_json(f"{rel}/{MANIFEST}", manifest)
+        return
+    write_manifest(scratch, manifest)
+    _rename_into_place(scratch, storage.local(rel))
+
+
+def _rename_into_place(scratch: Path, final: Path) -> None:
     final = Path(final)
     old = None
     if final.exists():

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import ConfigError, PipelineConfig, config_to_yaml, load_config
@@ -29,24 +30,28 @@ app.add_typer(data_app, name="data")
 ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="configs/pipelines/<profile>.yaml")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="a pipeline YAML file")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train_nar.max_steps=100")]
-RootOpt = Annotated[Path, typer.Option("--root", help="artifact root (stage cache, mlflow.db, runs/)")]
+RootOpt = Annotated[str, typer.Option("--root", help="artifact root: a folder, a shared-filesystem path or "
+                                                     "s3://bucket/prefix (stage cache, runs/; mlflow.db when local)")]
 TasksOpt = Annotated[str | None, typer.Option("--tasks", help="comma-separated subset, e.g. caption,vqa")]
 ForceOpt = Annotated[list[str] | None, typer.Option("--force", help="rerun this stage and its descendants")]
 OnlyOpt = Annotated[str | None, typer.Option("--only", help="run only this stage, from cached inputs")]
 UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default sqlite:///<root>/mlflow.db)")]
-DEFAULT_ROOT = Path("artifacts")
+AddressOpt = Annotated[str | None, typer.Option(help="join a Ray cluster (or RAY_ADDRESS)")]
+DEFAULT_ROOT = "artifacts"
 
 
 def _err(msg: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     return typer.Exit(code)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.dag import PipelineError
+    from pipeline.executor import ExecutionError
+    from pipeline.storage import StorageError
     from pipeline.study import StudyError
 
-    errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError]
+    errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError, ExecutionError, StorageError]
     try:
         from stages.converters import ConversionError
 
@@ -77,20 +82,22 @@ def _load(profile: str | None, config: Path | None, overrides: list[str] | None,
 # ---- run / plan ------------------------------------------------------------------------------------------
 @app.command()
 def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: OverridesArg = None,
-        root: RootOpt = DEFAULT_ROOT,
-        address: Annotated[str | None, typer.Option(help="join a Ray cluster (or RAY_ADDRESS)")] = None,
+        root: RootOpt = DEFAULT_ROOT, address: AddressOpt = None,
         tracking_uri: UriOpt = None, force: ForceOpt = None, only: OnlyOpt = None, tasks: TasksOpt = None) -> None:
     """Run the pipeline: every stage that is not cached, then the report."""
     from pipeline.dag import run_pipeline
     from pipeline.progress import ProgressView
+    from pipeline.storage import adopt_carried_env
+    from pipeline.submit import submitted_git
 
+    adopt_carried_env()  # a submitted job: the submitter's storage settings, where this node has none
     cfg = _guard(lambda: _load(profile, config, overrides, tasks))
     console = Console()
     try:
         with ProgressView(console) as view:
             result = _guard(lambda: run_pipeline(cfg, root, address=address, tracking_uri=tracking_uri,
                                                  force=force or [], only=only, on_update=view.update,
-                                                 command=shlex.join(sys.argv)))
+                                                 command=shlex.join(sys.argv), git=submitted_git()))
     except KeyboardInterrupt:
         raise _err("interrupted: running stages cancelled, MLflow runs marked KILLED; a rerun resumes"
                    " (training from its last checkpoint)", code=130) from None
@@ -100,8 +107,9 @@ def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overrid
     console.print(f"MLflow parent run: {result.parent_run_id}", highlight=False)
     if not result.ok:
         for st in result.failures:
-            where = f" (log: {st.dir / 'stage.log'})" if st.dir and st.state == "failed" else ""
-            console.print(f"[red]{st.id}: {st.state}[/]{where}", soft_wrap=True, highlight=False)
+            last = (st.error or "").strip().splitlines()[-1:] if st.state == "failed" else []
+            where = f" ({last[0]})" if last else ""
+            console.print(f"[red]{escape(st.id)}: {st.state}[/]{escape(where)}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
 
 
@@ -114,7 +122,10 @@ def plan(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overri
 
     cfg = _guard(lambda: _load(profile, config, overrides, tasks))
     graph = _guard(lambda: build_graph(cfg))
-    actions = _guard(lambda: make_plan(graph, Path(root).resolve(), force or [], only))
+    from pipeline.storage import Storage
+
+    storage = _guard(lambda: Storage(root))
+    actions = _guard(lambda: make_plan(graph, storage, force or [], only))
     console = Console(soft_wrap=True)
     for task in dict.fromkeys(n.task for n in graph.nodes.values()):  # the tasks, and "shared" after the first
         table = Table(title=f"{task}", title_justify="left")
@@ -124,12 +135,12 @@ def plan(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overri
             if node.task != task:
                 continue
             action = {"hit": "[cyan]HIT[/]", "run": "[yellow]RUN[/]", "skip": "[dim]SKIP[/]"}[actions[node.id]]
-            table.add_row(node.name, action, node.key[:12],
-                          ", ".join(v if k == v else f"{k}={v}" for k, v in node.inputs.items()) or "-")
+            table.add_row(escape(node.name), action, node.key[:12],
+                          escape(", ".join(f"{k}={v}" for k, v in node.inputs.items())) or "-")
         console.print(table)
     n_run = sum(a == "run" for a in actions.values())
     console.print(f"{n_run} to run, {sum(a == 'hit' for a in actions.values())} cached, then the report"
-                  f" (root {Path(root).resolve()})", highlight=False)
+                  f" (root {escape(storage.uri)})", highlight=False)
 
 
 def summary_table(summary: dict) -> Table:
@@ -260,15 +271,17 @@ def compare(run_ids: RunIdsArg = None,
     Console(soft_wrap=True).print(_guard(lambda: compare_table(run_ids or [], root, tracking_uri, last)))
 
 
-def compare_table(run_ids: list[str], root: Path, tracking_uri: str | None, last: int = 5) -> Table:
+def compare_table(run_ids: list[str], root: str, tracking_uri: str | None, last: int = 5) -> Table:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from pipeline.storage import Storage
     from pipeline.tracking import default_tracking_uri
 
-    if tracking_uri is None and not (Path(root) / "mlflow.db").exists():
-        raise ConfigError(f"no MLflow store at {Path(root) / 'mlflow.db'}; give --root or --tracking-uri")
-    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri(root))
+    storage = Storage(root)
+    if tracking_uri is None and not storage.remote and not (storage.local() / "mlflow.db").exists():
+        raise ConfigError(f"no MLflow store at {storage.local() / 'mlflow.db'}; give --root or --tracking-uri")
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri(storage))
     if run_ids:
         try:
             runs = [client.get_run(r) for r in run_ids]
@@ -309,7 +322,7 @@ def tables(runs: Annotated[list[Path] | None, typer.Argument(help="run folders (
     from pipeline.study import aggregate, find_runs, load_summaries, render_tables
 
     def go() -> str:
-        folders = find_runs(root, runs or [], last)
+        folders = find_runs(Path(root), runs or [], last)
         return render_tables(aggregate(load_summaries(folders)), folders)
 
     text = _guard(go)
@@ -320,8 +333,7 @@ def tables(runs: Annotated[list[Path] | None, typer.Argument(help="run folders (
 
 @app.command()
 def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep YAML (configs/sweeps/)")],
-          overrides: OverridesArg = None, root: RootOpt = DEFAULT_ROOT,
-          address: Annotated[str | None, typer.Option(help="join a Ray cluster (or RAY_ADDRESS)")] = None,
+          overrides: OverridesArg = None, root: RootOpt = DEFAULT_ROOT, address: AddressOpt = None,
           tracking_uri: UriOpt = None) -> None:
     """Ray Tune sweep over train_nar's number of learnable queries (paper Table 10), on the cached prefix."""
     from pipeline.sweep import load_sweep_config, run_sweep
@@ -346,5 +358,64 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep Y
     print(f"sweep results: {result['dir']}")
 
 
-def main() -> None:  # pragma: no cover - console entry point alternative
-    app()
+# ---- submit to a cluster -----------------------------------------------------------------------------------
+job_app = typer.Typer(no_args_is_help=True, help="Jobs submitted with `narvl submit`: status, logs, stop.")
+app.add_typer(job_app, name="job")
+JobAddressOpt = Annotated[str, typer.Option("--address", help="the cluster's job server, e.g. http://HEAD:8265 "
+                                                             "(or RAY_API_SERVER_ADDRESS / RAY_ADDRESS)")]
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(ctx: typer.Context, address: JobAddressOpt = "",
+           wait: Annotated[bool, typer.Option("--wait", help="follow the job's logs until it ends")] = False) -> None:
+    """Submit `narvl run [run options]` to a Ray cluster as a job (the project as its working_dir).
+
+    Everything after the options of `submit` is passed to `narvl run`, e.g.
+    `narvl submit --address http://HEAD:8265 --profile smoke --root s3://bucket/narvl`.
+    """
+    from pipeline.submit import follow, submit_run
+
+    job_id = _guard(lambda: submit_run(_job_address(address), list(ctx.args)))
+    print(job_id)
+    if wait:
+        status = follow(_job_address(address), job_id)
+        if status != "SUCCEEDED":
+            raise _err(f"job {job_id} ended {status}", code=1)
+
+
+@job_app.command("status")
+def job_status(job_id: str, address: JobAddressOpt = "") -> None:
+    """The job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from pipeline.submit import client
+
+    print(_guard(lambda: client(_job_address(address)).get_job_status(job_id).value))
+
+
+@job_app.command("logs")
+def job_logs(job_id: str, address: JobAddressOpt = "",
+             follow_: Annotated[bool, typer.Option("--follow", "-f", help="until the job ends")] = False) -> None:
+    """The job's output (the driver's console: progress, the summary table)."""
+    from pipeline.submit import client, follow
+
+    if follow_:
+        follow(_job_address(address), job_id)
+    else:
+        typer.echo(_guard(lambda: client(_job_address(address)).get_job_logs(job_id)), nl=False)
+
+
+@job_app.command("stop")
+def job_stop(job_id: str, address: JobAddressOpt = "") -> None:
+    """Stop the job (its stages are cancelled; a resubmission reuses every finished stage)."""
+    from pipeline.submit import client
+
+    _guard(lambda: client(_job_address(address)).stop_job(job_id))
+    print(f"stop requested: {job_id}")
+
+
+def _job_address(address: str) -> str:
+    import os
+
+    found = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    if not found.startswith("http"):
+        raise _err("give the cluster's job server: --address http://HEAD:8265")
+    return found

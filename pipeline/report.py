@@ -11,14 +11,18 @@ x100, accuracies in %) and the benchmark's latency.json (batch-1 mean ms of AR b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages.benchmark import OUTPUT as LATENCY_FILE
+from stages.benchmark import mean_latency_ms
 from stages.common import write_json_atomic
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
-    from pipeline.dag import Graph, NodeStatus
+    from pipeline.dag import Graph
+    from pipeline.executor import Executor, NodeStatus
 
 
 def read_json(path: Path) -> dict | None:
@@ -33,38 +37,19 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
-def latency_ms(lat: dict, kind: str) -> float | None:
-    """Batch-1 mean latency (ms) of `kind` ("ar" | "narvl") from latency.json, read defensively."""
-    # stages/benchmark.py: {"latency": {"ar_beam": {"mean_ms", ...}, "ar_greedy": {...}, "narvl": {...}},
-    # "speedup_vs_beam", ...}; the AR latency of the paper's table is beam search.
-    main = "ar_beam" if kind == "ar" else kind
-    candidates = [
-        ("latency", main, "mean_ms"),
-        (kind, "batch1", "mean_ms"), (kind, "batch_1", "mean_ms"), (kind, "mean_ms"), (kind, "latency_ms"),
-        ("batch1", kind, "mean_ms"), ("batch_1", kind, "mean_ms"), (f"{kind}_mean_ms",), (f"{kind}_ms",),
-        (f"{kind}_latency_ms",), (kind,),
-    ]
-    for path in candidates:
-        node: Any = lat
-        for p in path:
-            node = node.get(p) if isinstance(node, dict) else None
-        if _num(node) is not None:
-            return _num(node)
-    return None
-
-
 def evaluation_row(metrics: dict | None) -> dict[str, Any]:
     metrics = metrics or {}
     return {"metric": metrics.get("metric"), "value": _num(metrics.get("value")),
             "metrics": metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else {}}
 
 
-def build_summary(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStatus]) -> dict[str, Any]:
+def build_summary(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStatus],
+                  folder_of: Callable[[str], Path]) -> dict[str, Any]:
     """The summary.json contract from the finished (or cached) evaluate and benchmark folders."""
 
     def folder(task: str, name: str) -> Path | None:
         st = statuses.get(f"{task}/{name}")
-        return st.dir if st is not None and st.state in ("hit", "succeeded") else None
+        return folder_of(st.rel) if st is not None and st.rel and st.state in ("hit", "succeeded") else None
 
     def load(task: str, name: str, file: str) -> dict | None:
         d = folder(task, name)
@@ -73,13 +58,13 @@ def build_summary(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeSta
     tasks: dict[str, Any] = {}
     ablations: dict[str, Any] = {}
     for task in cfg.tasks:
-        lat = load(task, "benchmark", "latency.json") or {}
+        lat = load(task, "benchmark", LATENCY_FILE) or {}
         row: dict[str, Any] = {}
         for kind in ("ar", "narvl"):
             row[kind] = {**evaluation_row(load(task, f"evaluate_{kind}", "metrics.json")),
-                         "latency_ms": latency_ms(lat, kind)}
+                         "latency_ms": mean_latency_ms(lat, kind)}
         ar_ms, nar_ms = row["ar"]["latency_ms"], row["narvl"]["latency_ms"]
-        speedup = _num(lat.get("speedup_vs_beam", lat.get("speedup")))
+        speedup = _num(lat.get("speedup_vs_beam"))
         if speedup is None and ar_ms and nar_ms:
             speedup = ar_ms / nar_ms
         row["speedup"] = speedup
@@ -125,7 +110,7 @@ def render_markdown(summary: dict, statuses: dict[str, NodeStatus], info: dict[s
                 lines.append(f"| {task} | {name} | {r['metric'] or '-'} | {_fmt(r['value'])} |")
     lines += ["", "## Stages", "", "| node | state | key | seconds | folder |", "|---|---|---|---|---|"]
     for st in statuses.values():
-        lines.append(f"| {st.id} | {st.state} | {st.key[:12]} | {_fmt(st.elapsed, 1)} | {st.dir or '-'} |")
+        lines.append(f"| {st.id} | {st.state} | {st.key[:12]} | {_fmt(st.elapsed, 1)} | {st.rel or '-'} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -195,27 +180,32 @@ def plot_curves(task: str, folders: dict[str, Path], out: Path) -> Path | None:
     return out
 
 
-def write_report(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStatus], root: Path,
+def write_report(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStatus], executor: Executor,
                  parent_run_id: str | None, git: dict, stamp: str) -> tuple[Path, dict]:
-    """Write summary.json, report.md and the plots; return (report folder, summary)."""
-    out = Path(root) / "runs" / f"{stamp}-{(parent_run_id or 'norun')[:8]}"
+    """Write summary.json, report.md and the plots to `<root>/runs/<stamp>-<run8>/`; return (a local copy of that
+    folder, summary). On an object-store root the local copy is in ./artifacts/runs/ and the folder is uploaded."""
+    storage = executor.storage
+    rel = f"runs/{stamp}-{(parent_run_id or 'norun')[:8]}"
+    out = Path("artifacts").resolve() / rel if storage.remote else storage.local(rel)
     out.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(cfg, graph, statuses)
+    summary = build_summary(cfg, graph, statuses, executor.view)
     write_json_atomic(out / "summary.json", summary)
     plots, notes = [], []
     try:  # a plot is not worth losing the report for
         if plot_metric_vs_latency(summary, out / "metric_vs_latency.png"):
             plots.append("metric_vs_latency.png")
         for task in cfg.tasks:
-            folders = {st.name: st.dir for st in statuses.values()
-                       if st.task == task and st.stage in ("train_teacher", "train_nar") and st.dir
+            folders = {st.name: executor.view(st.rel) for st in statuses.values()
+                       if st.task == task and st.stage in ("train_teacher", "train_nar") and st.rel
                        and st.state in ("hit", "succeeded")}
             if plot_curves(task, folders, out / f"curves_{task}.png"):
                 plots.append(f"curves_{task}.png")
     except Exception as e:  # noqa: BLE001
         notes.append(f"plots failed: {type(e).__name__}: {e}")
     info = {"profile": cfg.profile, "name": cfg.name, "mlflow parent run": parent_run_id or "-",
-            "git": f"{git.get('sha')} (dirty: {git.get('dirty')})", "artifact root": str(root),
+            "git": f"{git.get('sha')} (dirty: {git.get('dirty')})", "artifact root": storage.uri,
             **({"note": "; ".join(notes)} if notes else {})}
     (out / "report.md").write_text(render_markdown(summary, statuses, info, plots))
+    if storage.remote:
+        storage.upload_dir(out, rel)
     return out, summary

@@ -1,15 +1,18 @@
 """Ray Tune sweep over train_nar's number of learnable queries (paper Table 10).
 
 The data, teacher and distillation come from the stage cache (computed once, before any trial, if missing).
-Each trial is train_nar -> evaluate_narvl -> benchmark for one (task, N), run through the same content-addressed
-cache as `narvl run`, so a trial whose N equals the pipeline's is a cache hit and a rerun of the sweep is free.
-MLflow: a sweep parent run, one child run per trial (param `num_queries`, the trial's metric and latency), and
-the trial's stage runs beneath it. Latency is measured inside the trial, so by default one trial runs at a time
-(`max_concurrent_trials: 1`): concurrent training would pollute the timings.
+Each trial is train_nar -> evaluate_narvl -> benchmark for one (task, N). A Tune trial does no work itself: it
+sends its request to the driver (through a small broker actor) and waits; the driver runs the trial's nodes with
+the same executor, cache and resources as `narvl run` and is the only MLflow writer. So a trial whose N equals the
+pipeline's is a cache hit, a rerun of the sweep is free, and each node gets the resources its stage asks for
+(GPUs included). MLflow: a sweep parent run, one child run per trial (param `num_queries`, the trial's metric and
+latency), and the trial's stage runs beneath it. Latency is measured inside the trial, so by default one trial
+runs at a time (`max_concurrent_trials: 1`): concurrent training would pollute the timings.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -70,99 +73,114 @@ def pipeline_for(scfg: SweepConfig, task: str | None = None, n: int | None = Non
     return load_config(path, overrides=[*scfg.overrides, *extra])
 
 
-def _ensure(node_names: tuple[str, ...], cfg: PipelineConfig, root: Path, tracker: Any, git: dict,
-            tags: dict[str, str]) -> dict[str, Path]:
-    """Run (or reuse from the cache) the named nodes of cfg's single task, in order; return their folders."""
-    from pipeline.cache import final_dir, is_hit, read_manifest
-    from pipeline.dag import build_graph, execute_node, node_spec
+class TrialBroker:
+    """A Ray actor (no CPU) between the Tune trials and the driver: trials put requests, the driver answers."""
 
-    graph = build_graph(cfg)
-    dirs: dict[str, Path] = {}
-    for node in graph.nodes.values():
-        if node.name not in node_names:
-            continue
-        ntags = {**tags, "task": node.task, "stage": node.stage, "node": node.name, "cache_key": node.key,
-                 "cache_hit": "false"}
-        final = final_dir(root, node.task, node.name, node.key)
-        params = node.cfg.model_dump(mode="json")
-        if is_hit(final, node.key):
-            tracker.log_hit(node.id, ntags, params, read_manifest(final) or {}, final)
-            dirs[node.id] = final
-            continue
-        missing = [node.upstream_id(up) for up in node.inputs.values() if node.upstream_id(up) not in dirs]
-        if missing:
-            raise RuntimeError(f"{node.id}: inputs {missing} are neither cached nor part of this step")
-        run_id = tracker.start_child(node.id, ntags)
-        spec = node_spec(node, {name: (dirs[node.upstream_id(up)], graph.nodes[node.upstream_id(up)].key)
-                                for name, up in node.inputs.items()}, root, run_id, git)
-        res = execute_node(spec)
-        tracker.finish_child(run_id, Path(res["dir"]), params, "FINISHED" if res["status"] == "succeeded" else "FAILED")
-        if res["status"] != "succeeded":
-            raise RuntimeError(f"{node.id} failed:\n{res.get('error')}")
-        dirs[node.id] = Path(res["dir"])
-    return {node_id.split("/", 1)[1]: d for node_id, d in dirs.items()}
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, dict]] = []
+        self.results: dict[int, dict] = {}
+        self.next_id = 0
+
+    def submit(self, request: dict) -> int:
+        self.next_id += 1
+        self.requests.append((self.next_id, request))
+        return self.next_id
+
+    def take(self) -> list[tuple[int, dict]]:
+        out, self.requests = self.requests, []
+        return out
+
+    def answer(self, request_id: int, result: dict) -> None:
+        self.results[request_id] = result
+
+    def result(self, request_id: int) -> dict | None:
+        return self.results.pop(request_id, None)
 
 
 def _trial(config: dict) -> None:
-    """A Tune function trainable: train_nar + evaluate_narvl + benchmark for one (task, N)."""
-    import json
-
+    """A Tune function trainable: asks the driver to run train_nar + evaluate_narvl + benchmark for (task, N)."""
+    import ray
     from ray import tune
 
-    from pipeline.cache import git_info
-    from pipeline.tracking import Tracker
+    broker = ray.get_actor(config["broker"], namespace=config["namespace"])
+    request_id = ray.get(broker.submit.remote(config["trial"]))
+    while (answer := ray.get(broker.result.remote(request_id))) is None:
+        time.sleep(0.2)
+    if "error" in answer:
+        raise RuntimeError(answer["error"])
+    tune.report(answer)
 
-    scfg = SweepConfig(**config["sweep"])
-    task, n = config["trial"]["task"], config["trial"]["num_queries"]
+
+def _nodes(cfg: PipelineConfig, names: tuple[str, ...], executor: Any, tags: dict[str, str], git: dict) -> dict:
+    """Run (or reuse from the cache) the named nodes of cfg's single task with the executor; their statuses."""
+    from pipeline.cache import final_rel, is_hit
+    from pipeline.dag import build_graph
+
+    graph = build_graph(cfg)
+    plan = {i: ("skip" if n.name not in names else
+                "hit" if is_hit(executor.storage, final_rel(n.task, n.name, n.key), n.key) else "run")
+            for i, n in graph.nodes.items()}
+    statuses = executor.run(graph, plan, resources=cfg.resources, tags=tags, git=git)
+    failed = [s for s in statuses.values() if s.action != "skip" and s.state not in ("hit", "succeeded")]
+    if failed:
+        raise RuntimeError("; ".join(f"{s.id} {s.state}: {(s.error or '').strip().splitlines()[-1:]}"
+                                     for s in failed))
+    return {s.name: s for s in statuses.values() if s.action != "skip"}
+
+
+def _answer(scfg: SweepConfig, trial: dict, executor: Any, tracker: Any, git: dict) -> dict:
+    """Run one trial's nodes (driver side) and return its row."""
+    from stages.benchmark import OUTPUT as LATENCY_FILE
+    from stages.benchmark import mean_latency_ms
+
+    task, n = trial["task"], trial["num_queries"]
     cfg = pipeline_for(scfg, task, n)
-    root = Path(config["root"])
-    tracker = Tracker(root, config["tracking_uri"], scfg.name)
-    tracker.parent_id = config["parent_run_id"]
     trial_run = tracker.start_child(f"{task}/num_queries={n}", {"narvl_role": "trial", "task": task})
     tracker.log_params(trial_run, {"task": task, "num_queries": n})
-    tracker.parent_id = trial_run  # the trial's stage runs nest beneath it
     started = time.time()
     status = "FAILED"
     try:
         names = TRIAL if scfg.benchmark else TRIAL[:2]
-        dirs = _ensure((*PREFIX, *names), cfg, root, tracker, git_info(),
-                       {"profile": cfg.profile, "name": cfg.name, "sweep": scfg.name})
-        ev = json.loads((dirs["evaluate_narvl"] / "metrics.json").read_text())
+        tags = {"profile": cfg.profile, "name": cfg.name, "sweep": scfg.name, "mlflow.parentRunId": trial_run}
+        done = _nodes(cfg, (*PREFIX, *names), executor, tags, git)
+        ev = json.loads((executor.view(done["evaluate_narvl"].rel) / "metrics.json").read_text())
         result: dict[str, Any] = {"task": task, "num_queries": n, "metric": ev["metric"], "value": ev["value"]}
         if scfg.benchmark:
-            from pipeline.report import latency_ms
-
-            lat = json.loads((dirs["benchmark"] / "latency.json").read_text())
-            result |= {"latency_ms": latency_ms(lat, "narvl"), "ar_latency_ms": latency_ms(lat, "ar")}
+            lat = json.loads((executor.view(done["benchmark"].rel) / LATENCY_FILE).read_text())
+            result |= {"latency_ms": mean_latency_ms(lat, "narvl"), "ar_latency_ms": mean_latency_ms(lat, "ar")}
             if result["latency_ms"] and result["ar_latency_ms"]:
                 result["speedup"] = result["ar_latency_ms"] / result["latency_ms"]
         result["wall_s"] = time.time() - started
         numeric = {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
         tracker.log_metrics(trial_run, [(None, time.time(), numeric)])
         status = "FINISHED"
-        tune.report(result)
+        return result
     finally:
         tracker.client.set_terminated(trial_run, status=status)
 
 
-def run_sweep(scfg: SweepConfig, root: Path, *, address: str | None = None, tracking_uri: str | None = None,
+def run_sweep(scfg: SweepConfig, root: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
               storage: Path | None = None) -> dict[str, Any]:
     """Run the sweep; returns {"rows": [...], "dir": folder with results.csv / results.md / plot}."""
+    import threading
+    import uuid
+
     import ray
     from ray import tune
 
     from pipeline.cache import git_info
-    from pipeline.ray_utils import init_local_ray
+    from pipeline.executor import Executor
+    from pipeline.storage import Storage
     from pipeline.tracking import Tracker
 
-    root = Path(root).resolve()
+    store = Storage(root)
     for task, values in scfg.num_queries.items():  # every trial's config validates before anything runs
         for n in values:
             pipeline_for(scfg, task, n)
     base = pipeline_for(scfg)
-    started_ray = not ray.is_initialized()
-    init_local_ray(address)
-    tracker = Tracker(root, tracking_uri, scfg.name)
+    store.check_writable()
+    tracker = Tracker(store, tracking_uri, scfg.name)
+    executor = Executor(store, tracker, address=address, max_concurrent=base.resources.max_concurrent_tasks)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent = tracker.start_parent({"sweep": scfg.model_dump(mode="json"), "pipeline": base.model_dump(mode="json")},
                                   {"narvl_role": "sweep", "profile": base.profile, "mlflow.runName": f"sweep-{stamp}"})
@@ -170,18 +188,39 @@ def run_sweep(scfg: SweepConfig, root: Path, *, address: str | None = None, trac
     try:
         git = git_info()
         for task in scfg.num_queries:  # the shared prefix, once per task, before the trials
-            _ensure(PREFIX, pipeline_for(scfg, task), root, tracker, git, {"profile": base.profile, "sweep": scfg.name})
+            _nodes(pipeline_for(scfg, task), PREFIX, executor, {"profile": base.profile, "sweep": scfg.name}, git)
+        executor.ensure_ray()
+        name, namespace = f"narvl-sweep-{uuid.uuid4().hex[:8]}", ray.get_runtime_context().namespace
+        broker = ray.remote(num_cpus=0)(TrialBroker).options(name=name, namespace=namespace).remote()
         grid = [{"task": t, "num_queries": n} for t, values in scfg.num_queries.items() for n in values]
-        param_space = {"trial": tune.grid_search(grid), "sweep": scfg.model_dump(mode="json"), "root": str(root),
-                       "tracking_uri": tracker.uri, "parent_run_id": parent}
         tuner = tune.Tuner(
-            tune.with_resources(_trial, {"cpu": 0.01}),
-            param_space=param_space,
+            tune.with_resources(_trial, {"cpu": 0.01}),  # a trial only waits: its nodes take the resources
+            param_space={"trial": tune.grid_search(grid), "broker": name, "namespace": namespace},
             tune_config=tune.TuneConfig(max_concurrent_trials=scfg.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"{scfg.name}-{stamp}",
-                                      storage_path=str(storage or root / "tune"), verbose=0),
+                                      storage_path=str(storage or Path("artifacts").resolve() / "tune"), verbose=0),
         )
-        results = tuner.fit()
+        outcome: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                outcome["results"] = tuner.fit()
+            except BaseException as e:  # noqa: BLE001 - re-raised by the driver below
+                outcome["error"] = e
+
+        fitter = threading.Thread(target=fit, name="tune-fit", daemon=True)
+        fitter.start()
+        while fitter.is_alive():  # the driver serves the trials' requests, one at a time
+            for request_id, trial in ray.get(broker.take.remote()):
+                try:
+                    answer = _answer(scfg, trial, executor, tracker, git)
+                except Exception as e:  # noqa: BLE001 - the trial reports it as its error
+                    answer = {"error": f"{type(e).__name__}: {e}"}
+                broker.answer.remote(request_id, answer)
+            fitter.join(timeout=0.2)
+        if "error" in outcome:
+            raise outcome["error"]
+        results = outcome["results"]
         rows, errors = [], []
         for r in results:
             if r.error is not None:
@@ -192,8 +231,11 @@ def run_sweep(scfg: SweepConfig, root: Path, *, address: str | None = None, trac
             else:  # stopped before it reported (e.g. the sweep was interrupted): no row, but say so
                 errors.append(f"{r.config['trial']}: no result (stopped before it finished)")
         rows.sort(key=lambda r: (r["task"], r["num_queries"]))
-        out = root / "sweeps" / f"{stamp}-{parent[:8]}"
+        rel = f"sweeps/{stamp}-{parent[:8]}"
+        out = Path("artifacts").resolve() / rel if store.remote else store.local(rel)
         write_sweep_report(rows, out)
+        if store.remote:
+            store.upload_dir(out, rel)
         tracker.client.log_artifacts(parent, str(out), artifact_path="sweep")
         if errors:
             raise RuntimeError("sweep trials failed:\n" + "\n".join(errors))
@@ -201,8 +243,7 @@ def run_sweep(scfg: SweepConfig, root: Path, *, address: str | None = None, trac
         return {"rows": rows, "dir": out, "parent_run_id": parent}
     finally:
         tracker.finish_parent(status)
-        if started_ray:
-            ray.shutdown()
+        executor.shutdown()
 
 
 def write_sweep_report(rows: list[dict], out: Path) -> None:

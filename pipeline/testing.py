@@ -21,10 +21,10 @@ FAKE_STAGES: dict[str, str] = {
 }
 EXPECTED_INPUTS = {
     "prepare_data": set(),
-    "pretrain": {"prepare_data"},
-    "distill": {"prepare_data", "train_teacher"},
-    "evaluate": {"prepare_data", "model"},
-    "benchmark": {"prepare_data", "ar", "narvl"},
+    "pretrain": {"data"},
+    "distill": {"data", "teacher"},
+    "evaluate": {"data", "model"},
+    "benchmark": {"data", "ar", "narvl"},
 }
 METRIC = {"caption": "CIDEr", "vqa": "accuracy", "grounding": "acc@0.5", "entailment": "accuracy"}
 
@@ -60,8 +60,14 @@ def _check_inputs(stage: str, inputs: dict[str, Path]) -> None:
             raise ValueError(f"{stage}: input {name} at {d} has no manifest")
 
 
+def _inputs(**folders: Path) -> dict[str, Path]:
+    return folders
+
+
 class FakeStage:
-    """An object with the stage module interface (VERSION, run)."""
+    """An object with the stage module interface (VERSION, Inputs, run); its inputs arrive as a dict."""
+
+    Inputs = staticmethod(_inputs)
 
     def __init__(self, name: str, version: int = 1) -> None:
         self.name = name
@@ -107,12 +113,12 @@ class FakeStage:
         return {"val_shape_acc": 0.9}
 
     def _train_teacher(self, cfg, inputs, out_dir, log) -> dict:
-        if set(inputs) not in ({"prepare_data"}, {"prepare_data", "pretrain"}):
-            raise ValueError(f"train_teacher: inputs {sorted(inputs)}: expected prepare_data [+ pretrain]")
+        if set(inputs) not in ({"data"}, {"data", "pretrain"}):
+            raise ValueError(f"train_teacher: inputs {sorted(inputs)}: expected data [+ pretrain]")
         return self._train("train_teacher", cfg, inputs, out_dir, log)
 
     def _train_nar(self, cfg, inputs, out_dir, log) -> dict:
-        expected = {"prepare_data", "train_teacher"} | ({"distill"} if cfg.train.kd else set())
+        expected = {"data", "teacher"} | ({"distill"} if cfg.train.kd else set())
         if set(inputs) != expected:
             raise ValueError(f"train_nar: inputs {sorted(inputs)} != {sorted(expected)}")
         return self._train("train_nar", cfg, inputs, out_dir, log)

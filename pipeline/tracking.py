@@ -1,11 +1,9 @@
-"""MLflow tracking of a pipeline run, and the StageLog a stage receives.
+"""MLflow tracking of a pipeline run: only the driver writes.
 
-The path from a stage to MLflow: the stage runs in a Ray task and logs through `FileStageLog`, which writes
-only to its stage folder: `stage.log` (text), `stage_metrics.jsonl` (one line per `log.metrics` call or
-artifact) and `progress.json` (the latest `log.progress`, polled by the driver for the live view). When the task
-ends the driver, which owns every MLflow run, reads those files and logs them to the stage's child run in
-batches. So only one process ever writes to the tracking store (the sqlite default is safe; on a cluster the
-artifact root must be a shared filesystem anyway for the cache to work), and a stage works without MLflow.
+Stages never talk to MLflow. Their logs, progress and curves travel through Ray to the driver (the executor's
+LogSink, pipeline/executor.py), which logs curves to the stage's child run while the stage runs; when a stage
+ends, the driver logs its config, result metrics and small output files. So one process writes to the tracking
+store (the sqlite default is safe) from any number of nodes, and a stage works without MLflow.
 
 Runs: one experiment per pipeline name; one parent run per invocation (tags git sha, dirty, profile, name);
 one child run per node (tags mlflow.parentRunId, task, stage, node, cache_key, profile, cache_hit). A cache hit
@@ -16,13 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import CONFIG_FILE, LOG_FILE, MANIFEST, METRICS_LOG, PROGRESS_FILE
-from stages.common import write_json_atomic
+from pipeline.cache import CONFIG_FILE, LOG_FILE, MANIFEST
+from pipeline.storage import Storage
 
 PARAM_VALUE_LIMIT = 500
 PARAM_BATCH = 100
@@ -31,64 +30,6 @@ MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 # Files of a stage folder worth logging as artifacts (checkpoints and shards stay in the cache).
 ARTIFACT_FILES = (CONFIG_FILE, MANIFEST, LOG_FILE, "metrics.json", "latency.json", "predictions.parquet",
                   "curves.parquet")
-
-
-class FileStageLog:
-    """The StageLog (stages.common.StageLog) the pipeline gives a stage: files in the stage folder only."""
-
-    def __init__(self, stage_dir: Path, progress_every_s: float = 0.5) -> None:
-        self.dir = Path(stage_dir)
-        self._text = open(self.dir / LOG_FILE, "a", buffering=1)  # noqa: SIM115 - closed in close()
-        self._metrics = open(self.dir / METRICS_LOG, "a", buffering=1)  # noqa: SIM115
-        self._progress_every = progress_every_s
-        self._last_progress = 0.0
-
-    def info(self, msg: str) -> None:
-        self._text.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-
-    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in values.items() if _finite(v)}
-        self._metrics.write(json.dumps({"t": time.time(), "step": step, "values": clean}) + "\n")
-        self.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in clean.items()))
-
-    def artifact(self, path: Path) -> None:
-        self._metrics.write(json.dumps({"t": time.time(), "artifact": str(Path(path).resolve())}) + "\n")
-
-    def progress(self, step: int, total: int | None = None) -> None:
-        now = time.time()
-        if now - self._last_progress < self._progress_every and step != total:
-            return
-        self._last_progress = now
-        write_json_atomic(self.dir / PROGRESS_FILE, {"step": step, "total": total, "t": now})
-
-    def close(self) -> None:
-        self._text.close()
-        self._metrics.close()
-
-
-def read_progress(stage_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(stage_dir) / PROGRESS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def read_stage_metrics(stage_dir: Path) -> tuple[list[tuple[int | None, float, dict[str, float]]], list[Path]]:
-    """(metric records (step, time, values), artifact paths) from a stage's stage_metrics.jsonl."""
-    records, artifacts = [], []
-    path = Path(stage_dir) / METRICS_LOG
-    if not path.exists():
-        return records, artifacts
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if "artifact" in rec:
-            artifacts.append(Path(rec["artifact"]))
-        else:
-            records.append((rec.get("step"), rec.get("t", time.time()), rec.get("values", {})))
-    return records, artifacts
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -119,19 +60,25 @@ def _finite(v: Any) -> bool:
         return False
 
 
-def default_tracking_uri(root: Path) -> str:
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+def default_tracking_uri(storage: Storage) -> str:
+    """sqlite beside the artifacts on a local root; on an object-store root, in ./artifacts of this machine."""
+    folder = Path("artifacts").resolve() if storage.remote else storage.local()
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 class Tracker:
     """Owns the MLflow runs of one pipeline invocation (driver side only)."""
 
-    def __init__(self, root: Path, tracking_uri: str | None, experiment: str) -> None:
+    def __init__(self, storage: Storage, tracking_uri: str | None, experiment: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.root = Path(root).resolve()
-        self.uri = tracking_uri or default_tracking_uri(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri or default_tracking_uri(storage)
+        if self.uri.startswith("sqlite:///"):
+            self.local_dir = Path(self.uri[len("sqlite:///"):]).parent
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.local_dir = None
+            _bounded_http_retries()
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
@@ -140,7 +87,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = (self.root / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None
+        location = (self.local_dir / "mlartifacts").as_uri() if self.local_dir else None
         return self.client.create_experiment(name, artifact_location=location)
 
     # ---- parent -------------------------------------------------------------------------------------------
@@ -193,21 +140,13 @@ class Tracker:
         return run_id
 
     def _log_stage_dir(self, run_id: str, stage_dir: Path) -> None:
-        records, artifacts = read_stage_metrics(stage_dir)
+        """The stage's result metrics and small output files (its curves were logged live)."""
         result = _result_metrics(stage_dir)
         if result:
-            records.append((None, time.time(), result))
-        self.log_metrics(run_id, records)
-        files = [stage_dir / f for f in ARTIFACT_FILES] + sorted(stage_dir.glob("*.png")) + artifacts
-        seen = set()
-        for f in files:
-            # artifacts recorded in the scratch dir moved with the rename: map them into the final folder
-            if not f.exists() and f.is_absolute():
-                f = stage_dir / f.name
-            if f in seen or not f.is_file() or f.stat().st_size > MAX_ARTIFACT_BYTES:
-                continue
-            seen.add(f)
-            self.client.log_artifact(run_id, str(f))
+            self.log_metrics(run_id, [(None, time.time(), result)])
+        for f in [stage_dir / f for f in ARTIFACT_FILES] + sorted(stage_dir.glob("*.png")):
+            if f.is_file() and f.stat().st_size <= MAX_ARTIFACT_BYTES:
+                self.client.log_artifact(run_id, str(f))
 
     # ---- batched logging ----------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict) -> None:
@@ -259,3 +198,8 @@ def _result_metrics(stage_dir: Path) -> dict[str, float]:
             out.update({prefix + k: v for k, v in numeric_items(body).items()})
     return out
 
+
+def _bounded_http_retries() -> None:
+    """A tracking server that does not answer fails a call in seconds, not after MLflow's default ~4 minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

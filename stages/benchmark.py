@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from stages.common import StageLog, write_json_atomic
 from stages.config import BenchmarkStage
 
-VERSION = 1
+VERSION = 2  # 2: the NARVL decoding from the model's config
 
 
 def _sync(device: torch.device) -> None:
@@ -41,18 +42,36 @@ def _stats(ms: list[float]) -> dict[str, float]:
             "p90_ms": s[min(len(s) - 1, int(0.9 * len(s)))], "n": len(s)}
 
 
-def run(cfg: BenchmarkStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
+OUTPUT = "latency.json"
+PAPER_AR = "ar_beam"  # the paper's AR latency is beam search
+
+
+def mean_latency_ms(latency: dict, kind: str) -> float | None:
+    """Batch-1 mean latency (ms) of "ar" (beam search, as in the paper) or "narvl" from a latency.json."""
+    entry = latency.get("latency", {}).get(PAPER_AR if kind == "ar" else kind, {})
+    value = entry.get("mean_ms") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    data: Path  # prepare_data
+    ar: Path  # train_teacher
+    narvl: Path  # train_nar
+
+
+def run(cfg: BenchmarkStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dict:
     """Time the AR teacher and the NARVL model on the test split.
 
     Args:
         cfg: task and benchmark settings (samples, AR beam/max length, batch sizes, device, threads).
-        inputs: {"prepare_data": data folder, "ar": train_teacher output, "narvl": train_nar output}.
+        inputs: the data, the AR teacher and the NARVL model.
         out_dir: where latency.json goes.
         log: the stage log.
     """
     from narvl_model.checkpoint import load_model
     from narvl_model.tokenizer import Tokenizer
-    from stages.evaluate import decode_batch, nar_loss_of, pick_device
+    from stages.evaluate import decode_batch, pick_device
     from stages.shards import make_loader
 
     bc = cfg.benchmark
@@ -63,11 +82,10 @@ def run(cfg: BenchmarkStage, inputs: dict[str, Path], out_dir: Path, log: StageL
     device = pick_device(bc.device)
     label = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu ({torch.get_num_threads()} threads)")
-    data_dir = Path(inputs["prepare_data"])
+    data_dir = Path(inputs.data)
     tok = Tokenizer.load(data_dir / "tokenizer")
-    ar = load_model(Path(inputs["ar"]) / "checkpoint").to(device).eval()
-    nar = load_model(Path(inputs["narvl"]) / "checkpoint").to(device).eval()
-    nar_loss = nar_loss_of(Path(inputs["narvl"]))
+    ar = load_model(Path(inputs.ar) / "checkpoint").to(device).eval()
+    nar = load_model(Path(inputs.narvl) / "checkpoint").to(device).eval()
     if ar.cfg.image_size != nar.cfg.image_size:
         raise ValueError(f"AR image size {ar.cfg.image_size} != NARVL {nar.cfg.image_size}")
     split = "test" if (data_dir / "test").exists() else "val"  # converted real data may have no test split
@@ -87,7 +105,7 @@ def run(cfg: BenchmarkStage, inputs: dict[str, Path], out_dir: Path, log: StageL
                                             max_len=bc.ar_max_len, no_repeat_ngram=3),
             "ar_greedy": lambda: decode_batch(ar, image, src, cfg.task, kind="ar", greedy=True,
                                               max_len=bc.ar_max_len),
-            "narvl": lambda: decode_batch(nar, image, src, cfg.task, kind="narvl", nar_loss=nar_loss),
+            "narvl": lambda: decode_batch(nar, image, src, cfg.task, kind="narvl"),
         }
 
     t0 = time.perf_counter()
@@ -128,7 +146,7 @@ def run(cfg: BenchmarkStage, inputs: dict[str, Path], out_dir: Path, log: StageL
         "ar_beam_size": bc.ar_beam_size, "ar_max_len": bc.ar_max_len,
         "wall_s": time.perf_counter() - t0,
     }
-    write_json_atomic(out_dir / "latency.json", result)
+    write_json_atomic(out_dir / OUTPUT, result)
     log.metrics({**{f"latency/{k}_mean_ms": v["mean_ms"] for k, v in latency.items()},
                  **{f"latency/{k}_p90_ms": v["p90_ms"] for k, v in latency.items()},
                  "latency/speedup_vs_beam": result["speedup_vs_beam"],

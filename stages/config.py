@@ -63,12 +63,17 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    checkpoint_every: int = Field(100, gt=0)
     val_every: int = Field(100, gt=0)
-    max_failures: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
-    loader_workers: Annotated[int, Field(0, ge=0, json_schema_extra=NoCache)]
+    # DataLoader processes per worker: the shards are split between them, so they change the data order
+    loader_workers: int = Field(0, ge=0)
+    # where and how often the run is saved and retried: no effect on the result (resume is exact)
+    checkpoint_every: Annotated[int, Field(100, gt=0, json_schema_extra=NoCache)]
+    max_failures: Annotated[int, Field(0, ge=0, json_schema_extra=NoCache,
+                                       description="restarts after a worker or node is lost")]
     log_every: Annotated[int, Field(10, gt=0, json_schema_extra=NoCache)]
+    val_exact_batches: Annotated[int, Field(2, ge=0, json_schema_extra=NoCache,
+                                            description="validation batches decoded for val_exact (a diagnostic)")]
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -144,12 +149,35 @@ class BenchmarkConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's)")
 
 
-class ResourcesConfig(Strict):
-    """Ray resources per stage task (training workers take their own from train_*.num_workers)."""
+class StageResources(Strict):
+    """What one piece of work of a stage asks Ray for (a training stage: each of its workers)."""
 
-    cpus_per_task: float = Field(1.0, ge=0)
-    gpus_per_task: float = Field(0.0, ge=0)
-    max_concurrent_tasks: int = Field(2, ge=1)
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0, description="Ray memory reservation (GiB); None reserves none")
+    custom: dict[str, float] = Field(default_factory=dict, description="Ray custom resources, e.g. {gpu_node: 1} "
+                                     "to pin a stage to the nodes started with that resource")
+    labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels the work must run on "
+                                   "(label_selector), e.g. {ray.io/accelerator-type: H100}")
+
+
+class ResourcesConfig(Strict):
+    """Ray resources per stage; a stage without its own entry takes `default`. Training stages ask this per worker
+    (train_*.num_workers of them) and at least one GPU each when train_*.use_gpu is set."""
+
+    max_concurrent_tasks: int = Field(2, ge=1, description="nodes of the DAG running at once")
+    default: StageResources = StageResources()
+    prepare_data: StageResources | None = None
+    pretrain: StageResources | None = None
+    train_teacher: StageResources | None = None
+    distill: StageResources | None = Field(None, description="each of the distill.num_actors decoders")
+    train_nar: StageResources | None = None
+    evaluate: StageResources | None = None
+    benchmark: StageResources | None = None
+
+    def for_stage(self, stage: str) -> StageResources:
+        own = getattr(self, stage, None) if stage in type(self).model_fields and stage != "default" else None
+        return own if isinstance(own, StageResources) else self.default
 
 
 # ---- what each stage receives (the pipeline builds these from PipelineConfig; their cache_dict is the key) ----

@@ -1,6 +1,9 @@
 """distill: the AR teacher decodes the whole training split (beam search); its outputs become NARVL's KD targets.
 
-Decoding runs on a pool of Ray actors, each reading a disjoint part of the shards (the loader's rank/world split).
+The split is decoded in `cfg.distill.num_actors` disjoint parts (the loader's rank/world split): `decode_part` is
+one part, which the pipeline fans out over Ray workers with the stage's resources; `run` decodes the parts it is not
+given in this process and writes the result.
+
 Writes `distilled.parquet` (id, target, reference, references, differs, length) and reports how many teacher
 outputs differ from the references (caption: from all of them) and their length distribution.
 """
@@ -9,18 +12,24 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import ray
 
 from stages.common import StageLog, write_json_atomic
 from stages.config import DistillStage
 
-VERSION = 1
+VERSION = 2
+OUTPUT = "distilled.parquet"
 
 
-def decode_part(cfg_json: dict, data_dir: str, teacher_dir: str, rank: int, world_size: int) -> list[dict]:
-    """Decode this part of the training split with the teacher; one row per sample."""
+@dataclass(frozen=True)
+class Inputs:
+    data: Path  # prepare_data
+    teacher: Path  # train_teacher (checkpoint/)
+
+
+def decode_part(cfg: DistillStage, inputs: Inputs, rank: int, world_size: int, device: str = "auto") -> list[dict]:
+    """Decode part `rank` of `world_size` of the training split with the teacher; one row per sample."""
     import torch
 
     from narvl_model.checkpoint import load_model
@@ -29,18 +38,17 @@ def decode_part(cfg_json: dict, data_dir: str, teacher_dir: str, rank: int, worl
     from stages.shards import make_loader
     from stages.tasks import all_targets, eval_target
 
-    cfg = DistillStage.model_validate(cfg_json)
     dc = cfg.distill
-    tok = Tokenizer.load(Path(data_dir) / "tokenizer")
-    device = pick_device()
-    model = load_model(Path(teacher_dir) / "checkpoint").to(device).eval()
-    loader = make_loader(Path(data_dir) / "train", tok, cfg.task, dc.batch_size, train=False, num_workers=0,
+    tok = Tokenizer.load(Path(inputs.data) / "tokenizer")
+    dev = pick_device(device)
+    model = load_model(Path(inputs.teacher) / "checkpoint").to(dev).eval()
+    loader = make_loader(Path(inputs.data) / "train", tok, cfg.task, dc.batch_size, train=False, num_workers=0,
                          rank=rank, world_size=world_size, image_size=model.cfg.image_size,
                          max_source_len=model.cfg.max_source_positions)
     rows = []
     with torch.no_grad():
         for batch in loader:
-            outs = decode_batch(model, batch.image.to(device), batch.src_tokens.to(device), cfg.task, kind="ar",
+            outs = decode_batch(model, batch.image.to(dev), batch.src_tokens.to(dev), cfg.task, kind="ar",
                                 beam_size=dc.beam_size, max_len=dc.max_len, no_repeat_ngram=dc.no_repeat_ngram)
             for key, sample, ids in zip(batch.ids, batch.samples, outs, strict=True):
                 refs = all_targets(sample, tok.num_bins)
@@ -50,47 +58,36 @@ def decode_part(cfg_json: dict, data_dir: str, teacher_dir: str, rank: int, worl
     return rows
 
 
-@ray.remote(num_cpus=1)
-class _Decoder:
-    """One actor of the pool: decodes its share of the shards."""
-
-    def run(self, cfg_json: dict, data_dir: str, teacher_dir: str, rank: int, world_size: int) -> list[dict]:
-        return decode_part(cfg_json, data_dir, teacher_dir, rank, world_size)
-
-
-def run(cfg: DistillStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
-    """Decode the training split with the teacher on `cfg.distill.num_actors` Ray actors.
+def run(cfg: DistillStage, inputs: Inputs, out_dir: Path, log: StageLog,
+        parts: list[list[dict]] | None = None) -> dict:
+    """Decode the training split with the teacher (the parts not given, here) and write distilled.parquet.
 
     Args:
-        cfg: task and decoding settings (beam size, max length, no-repeat n-gram for captions, actors).
-        inputs: {"prepare_data": data folder, "train_teacher": folder with checkpoint/}.
+        cfg: task and decoding settings (beam size, max length, no-repeat n-gram for captions, parts).
+        inputs: the data and the teacher.
         out_dir: where distilled.parquet goes.
         log: the stage log.
+        parts: the `decode_part` results of all `cfg.distill.num_actors` parts, when decoded elsewhere.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from stages.shards import count_samples
-    from stages.train import _ensure_ray
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = str(Path(inputs["prepare_data"]).resolve())
-    teacher_dir = str(Path(inputs["train_teacher"]).resolve())
     n = cfg.distill.num_actors
-    _ensure_ray()
-    actors = [_Decoder.remote() for _ in range(n)]
-    parts = ray.get([a.run.remote(cfg.model_dump(mode="json"), data_dir, teacher_dir, i, n)
-                     for i, a in enumerate(actors)])
-    for a in actors:
-        ray.kill(a)
+    if parts is None:
+        parts = [decode_part(cfg, inputs, i, n) for i in range(n)]
+    if len(parts) != n:
+        raise ValueError(f"distill: {len(parts)} decoded parts given, expected {n}")
     rows = sorted((r for part in parts for r in part), key=lambda r: r["id"])
-    expected = count_samples(Path(data_dir) / "train")
+    expected = count_samples(Path(inputs.data) / "train")
     if len(rows) != expected or len({r["id"] for r in rows}) != len(rows):
         raise RuntimeError(f"distill: {len(rows)} rows ({len({r['id'] for r in rows})} distinct) for "
                            f"{expected} training samples")
-    pq.write_table(pa.Table.from_pylist(rows), out_dir / "distilled.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), out_dir / OUTPUT)
     lengths = sorted(r["length"] for r in rows)
     differs = sum(r["differs"] for r in rows) / len(rows)
     summary = {
@@ -98,7 +95,7 @@ def run(cfg: DistillStage, inputs: dict[str, Path], out_dir: Path, log: StageLog
         "length_mean": sum(lengths) / len(rows), "length_p50": lengths[len(lengths) // 2],
         "length_p90": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))], "length_max": lengths[-1],
         "length_hist": {str(k): lengths.count(k) for k in sorted(set(lengths))},
-        "num_actors": n, "wall_s": time.perf_counter() - t0,
+        "num_parts": n, "wall_s": time.perf_counter() - t0,
     }
     summary["samples_per_s"] = len(rows) / summary["wall_s"]
     write_json_atomic(out_dir / "distill_report.json", summary)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,27 +21,29 @@ import torch
 from stages.common import StageLog, write_json_atomic
 from stages.config import EvaluateStage
 
-VERSION = 2  # 2: text-only baseline (blind_accuracy)
+VERSION = 3  # 2: text-only baseline (blind_accuracy); 3: the NARVL decoding from the model's config
+OUTPUTS = ("predictions.parquet", "metrics.json")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    data: Path  # prepare_data
+    model: Path  # train_teacher or train_nar (checkpoint/)
+
+
 MAIN_METRIC = {"caption": "CIDEr", "vqa": "accuracy", "grounding": "acc@0.5", "entailment": "accuracy"}
 
 
 # ---- decoding (shared with distill and benchmark) --------------------------------------------------------------
-def nar_loss_of(model_dir: Path) -> str:
-    """The loss a train_nar output was trained with ("qctc" or "ce"; decoding differs). Defaults to qctc."""
-    path = Path(model_dir) / "metrics.json"
-    if path.exists():
-        return json.loads(path.read_text()).get("loss", "qctc")
-    return "qctc"
-
-
 @torch.no_grad()
 def decode_batch(model, image: torch.Tensor, src_tokens: torch.Tensor, task: str, *, kind: Literal["ar", "narvl"],
                  beam_size: int = 5, max_len: int = 24, no_repeat_ngram: int = 0, greedy: bool = False,
-                 nar_decode: str = "greedy", nar_beam_size: int = 5, nar_loss: str = "qctc") -> list[list[int]]:
+                 nar_decode: str = "greedy", nar_beam_size: int = 5) -> list[list[int]]:
     """Token ids (no bos/eos/blank) per sample.
 
     AR: beam search (greedy with greedy=True); no_repeat_ngram applies to captions only.
-    NARVL: one forward pass, then greedy CTC (or CTC prefix beam search); a CE-trained model is read position-wise.
+    NARVL: one forward pass, then greedy CTC (or CTC prefix beam search); a CE-trained model (its config's
+    `nar_loss`) is read position-wise.
     """
     from narvl_model.decoding import ctc_greedy, ctc_prefix_beam_search, nar_ce_greedy, strip_special
     from narvl_model.search import beam_search, greedy_search
@@ -52,7 +55,7 @@ def decode_batch(model, image: torch.Tensor, src_tokens: torch.Tensor, task: str
         return beam_search(model, image, src_tokens, beam_size, max_len,
                            no_repeat_ngram=no_repeat_ngram if task == "caption" else 0)
     logits = model(image, src_tokens).float()  # (B, N, V)
-    if nar_loss == "ce":
+    if cfg.nar_loss == "ce":
         return nar_ce_greedy(logits, cfg.eos_id, cfg.blank_id, cfg.pad_id, cfg.bos_id)
     if nar_decode == "beam":
         lp = logits.log_softmax(-1)
@@ -177,12 +180,12 @@ def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> dict
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------
-def run(cfg: EvaluateStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
+def run(cfg: EvaluateStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dict:
     """Decode the eval split with the model and score it.
 
     Args:
         cfg: task, model kind ("ar" | "narvl") and decoding settings.
-        inputs: {"prepare_data": data folder, "model": a train_teacher or train_nar output (checkpoint/ inside)}.
+        inputs: the data and a train_teacher or train_nar output (checkpoint/ inside).
         out_dir: where predictions.parquet and metrics.json go.
         log: the stage log.
     """
@@ -197,11 +200,10 @@ def run(cfg: EvaluateStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ec = cfg.eval
-    data_dir, model_dir = Path(inputs["prepare_data"]), Path(inputs["model"])
+    data_dir, model_dir = Path(inputs.data), Path(inputs.model)
     tokenizer = Tokenizer.load(data_dir / "tokenizer")
     device = pick_device()
     model = load_model(model_dir / "checkpoint").to(device).eval()
-    nar_loss = nar_loss_of(model_dir) if cfg.kind == "narvl" else "ce"
     loader = make_loader(data_dir / ec.split, tokenizer, cfg.task, ec.batch_size, train=False, num_workers=0,
                          rank=0, world_size=1, image_size=model.cfg.image_size,
                          max_source_len=model.cfg.max_source_positions)
@@ -212,7 +214,7 @@ def run(cfg: EvaluateStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
     for batch in loader:
         ids = decode_batch(model, batch.image.to(device), batch.src_tokens.to(device), cfg.task, kind=cfg.kind,
                            beam_size=ec.ar_beam_size, max_len=ec.ar_max_len, no_repeat_ngram=ec.no_repeat_ngram,
-                           nar_decode=ec.nar_decode, nar_beam_size=ec.nar_beam_size, nar_loss=nar_loss)
+                           nar_decode=ec.nar_decode, nar_beam_size=ec.nar_beam_size)
         for key, sample, out in zip(batch.ids, batch.samples, ids, strict=True):
             outputs[key], samples[key] = out, sample
             preds[key] = postprocess(cfg.task, out, sample, tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from narvl_model.tokenizer import Tokenizer
@@ -19,6 +20,11 @@ from stages.shards import DataError, ShardWriter, iter_tar, parse_sample, read_m
 from stages.tasks import all_targets, sample_texts
 
 VERSION = 2
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """prepare_data reads no other stage."""
 SPLITS = ("train", "val", "test")
 
 
@@ -63,7 +69,7 @@ def token_stats(split_dir: Path, task: str, tok: Tokenizer) -> dict[str, int]:
     return {"max_target_tokens": max_t, "max_prompt_tokens": max_s}
 
 
-def run(cfg: PrepareDataStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
+def run(cfg: PrepareDataStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dict:
     """Write out_dir/{train,val,test}/ shards + manifests and out_dir/tokenizer/; return counts and timings."""
     out_dir = Path(out_dir)
     data, task = cfg.data, cfg.task

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,11 @@ from stages.config import PretrainStage
 
 VERSION = 2  # 2: one pretraining for all tasks, on whichever task's shards it is given
 WEIGHTS = "backbone.safetensors"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    data: Path  # a prepare_data output (any task: every task's shards hold the same images and objects)
 _HEADS = ("shape", "colour", "size")
 
 
@@ -88,7 +94,7 @@ def dense_loss(logits: list[torch.Tensor], objectness: torch.Tensor, classes: to
     return loss
 
 
-def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
+def run(cfg: PretrainStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dict:
     """Train the teacher's backbone on dense object labels; writes backbone.safetensors and metrics.json.
 
     Args:
@@ -106,7 +112,7 @@ def run(cfg: PretrainStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
     from stages.train import _lr_lambda
 
     t0 = time.perf_counter()
-    pc, data_dir, out_dir = cfg.pretrain, Path(inputs["prepare_data"]), Path(out_dir)
+    pc, data_dir, out_dir = cfg.pretrain, Path(inputs.data), Path(out_dir)
     tokenizer = Tokenizer.load(data_dir / "tokenizer")
     task = read_manifest(data_dir / "train")["task"]  # any task's shards: only images and objects are read
     torch.manual_seed(cfg.seed)

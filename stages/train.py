@@ -1,19 +1,24 @@
-"""The one training loop of the AR teacher and the NARVL student: Ray Train workers, each driving DeepSpeed.
+"""The one training loop of the AR teacher and the NARVL student: each worker drives DeepSpeed.
 
-The driver (`fit`) builds a `TorchTrainer` around `train_loop_per_worker`; every worker builds the tokenizer, the
-model (NARVL: copied from the teacher), a torch AdamW with a linear warm-up/decay schedule, and a DeepSpeed engine
-(ZeRO stage and precision from the config, gloo on CPU). It streams its own disjoint part of the shards, takes
-`max_steps` optimizer steps, validates every `val_every` steps and checkpoints every `checkpoint_every` steps.
+`train_worker(job, ctx)` is the loop one worker runs: tokenizer, model (NARVL: copied from the teacher), a torch
+AdamW with a linear warm-up/decay schedule, a DeepSpeed engine (ZeRO stage and precision from the config), its own
+disjoint part of the shards, `max_steps` optimizer steps, validation every `val_every` steps and a checkpoint every
+`checkpoint_every` steps. It knows nothing of Ray: the worker's rank and world size come in `ctx`, the process group
+is already set up (by Ray Train, torchrun or `local_process_group`), and everything it keeps goes through
+`ctx.store`, a `WorkStore` (a local folder here; the pipeline passes one on its artifact root, so a worker on any
+node resumes from the same checkpoints). The pipeline runs it on one Ray task (one worker) or a Ray Train
+`TorchTrainer` (several); `run_local` runs it in this process.
 
-Checkpoints are DeepSpeed checkpoints reported through `ray.train.report`, plus `train_state.json` (step, epoch,
-micro-batches consumed in the epoch, best validation loss) and each rank's RNG state. A restarted run (Ray's
-`FailureConfig`, or a new `fit` on the same `out_dir`) loads the newest one and skips the loader to the same
-position, so it ends where an uninterrupted run ends, on the same data order.
+The work store holds:
+    ckpt/step_<n>/        every rank's DeepSpeed files and RNG state; `train_state.json` (step, epoch, micro-batches
+                          consumed in the epoch, best validation loss, the curve so far) written last by rank 0,
+                          so a checkpoint without it is incomplete and never resumed from
+    checkpoint/           the best model so far (lowest validation loss), `narvl_model.checkpoint.save_model`
+    summary.json          written by rank 0 when the loop finished: a work store without it did not finish
 
-Curves: rank 0 appends one JSON line per log step to `out_dir/curves.jsonl` (Ray's `Result.metrics` only keeps
-reports that carry a checkpoint); the driver forwards them to the StageLog and writes `curves.parquet`.
-The best model (lowest validation loss) is written with `narvl_model.checkpoint.save_model` to
-`out_dir/checkpoint`.
+A restarted worker (Ray's retries, a new run on the same key) loads the newest complete checkpoint and skips the
+loader to the same position, so it ends where an uninterrupted run ends, on the same data order. Curves reach
+the stage log (`ctx.log.metrics`, live) and `train_state.json`, so a resumed run never repeats a point.
 """
 
 from __future__ import annotations
@@ -24,18 +29,129 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from stages.common import StageLog, write_json_atomic
 
 Kind = Literal["ar", "nar"]
-CURVES = "curves.jsonl"
-RAY_DIR = "ray_train"
 STATE_FILE = "train_state.json"
+SUMMARY_FILE = "summary.json"
+BEST_DIR = "checkpoint"
+CKPT_DIR = "ckpt"
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingIncomplete(RuntimeError):
+    """The loop ended without finishing (its work store has no summary): never published as a result."""
+
+
+# ---- where a worker keeps what must survive it ---------------------------------------------------------------
+class WorkStore(Protocol):
+    """Checkpoints and results of one training stage, shared by all its workers (and their restarts)."""
+
+    def latest_checkpoint(self, dest: Path) -> int | None:
+        """Copy the newest complete checkpoint into `dest`; its step, or None when there is none."""
+        ...
+
+    def save_checkpoint(self, step: int, src: Path, *, final_part: bool) -> None:
+        """Add this rank's checkpoint files (`src`) to step `step`; `final_part` (rank 0, after every rank's
+        files are in) marks it complete by its train_state.json, then older checkpoints are dropped."""
+        ...
+
+    def put_dir(self, name: str, src: Path) -> None:
+        """Replace the folder `name` (e.g. the best model) with the files of `src`."""
+        ...
+
+    def put_json(self, name: str, data: Any) -> None: ...
+
+    def get_json(self, name: str) -> Any | None: ...
+
+
+class LocalWorkStore:
+    """A WorkStore in a local (or shared-filesystem) folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.dir = Path(folder)
+
+    def _steps(self) -> list[int]:
+        ck = self.dir / CKPT_DIR
+        if not ck.is_dir():
+            return []
+        return sorted(int(p.name.split("_")[1]) for p in ck.glob("step_*") if (p / STATE_FILE).exists())
+
+    def latest_checkpoint(self, dest: Path) -> int | None:
+        steps = self._steps()
+        if not steps:
+            return None
+        shutil.copytree(self.dir / CKPT_DIR / f"step_{steps[-1]:08d}", dest, dirs_exist_ok=True)
+        return steps[-1]
+
+    def save_checkpoint(self, step: int, src: Path, *, final_part: bool) -> None:
+        dest = self.dir / CKPT_DIR / f"step_{step:08d}"
+        state = Path(src) / STATE_FILE
+        for p in sorted(Path(src).rglob("*")):
+            if p.is_file() and p != state:
+                (dest / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, dest / p.relative_to(src))
+        if final_part:
+            shutil.copyfile(state, dest / f".{STATE_FILE}.tmp")
+            os.replace(dest / f".{STATE_FILE}.tmp", dest / STATE_FILE)  # complete from here on
+            for old in self._steps()[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(self.dir / CKPT_DIR / f"step_{old:08d}", ignore_errors=True)
+
+    def put_dir(self, name: str, src: Path) -> None:
+        dest = self.dir / name
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+
+    def put_json(self, name: str, data: Any) -> None:
+        write_json_atomic(self.dir / name, data)
+
+    def get_json(self, name: str) -> Any | None:
+        try:
+            return json.loads((self.dir / name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+# ---- what a worker receives -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainInputs:
+    """The folders a training stage reads (local on the worker's node)."""
+
+    data: Path  # prepare_data: tokenizer/ and the split shards
+    pretrain: Path | None = None  # AR: the shared pretrain (backbone.safetensors)
+    teacher: Path | None = None  # NARVL: the teacher (checkpoint/) it starts from
+    distill: Path | None = None  # NARVL with KD: distilled.parquet
+
+
+@dataclass
+class WorkerContext:
+    """Who this worker is and where it reports; built by whoever launches the workers."""
+
+    rank: int
+    world_size: int
+    store: WorkStore
+    log: StageLog  # curves go through log.metrics on rank 0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    kind: Kind
+    stage_cfg: dict  # TrainStage / TrainNARStage as JSON
+    inputs: TrainInputs
+    backbone_weights: str = "backbone.safetensors"
 
 
 # ---- pieces shared with other stages --------------------------------------------------------------------------
@@ -67,7 +183,7 @@ def build_model_config(kind: Kind, stage_cfg, tokenizer):
                                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, blank_id=tokenizer.blank_id)
     if kind == "nar":
         update.update(num_queries=stage_cfg.train.num_queries[stage_cfg.task],
-                      decoder_input=stage_cfg.train.decoder_input)
+                      decoder_input=stage_cfg.train.decoder_input, nar_loss=stage_cfg.train.loss)
     return ModelConfig(**{**stage_cfg.model.model_dump(), **update})
 
 
@@ -107,7 +223,6 @@ def _move(batch, device: torch.device):
     return batch
 
 
-# ---- the per-worker loop (runs inside Ray Train workers; must live in the installed package) ------------------
 def _lr_lambda(max_steps: int, warmup_ratio: float):
     warmup = int(round(warmup_ratio * max_steps))
 
@@ -119,7 +234,7 @@ def _lr_lambda(max_steps: int, warmup_ratio: float):
     return f
 
 
-def _deepspeed_config(tc) -> dict:
+def deepspeed_config(tc) -> dict:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tc.batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
@@ -156,8 +271,8 @@ def _state_dict_full(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def _save_best(engine, model_cfg, kind: Kind, out: Path, zero_stage: int, rank: int) -> None:
-    """Write the current weights as the best model (rank 0), through a temporary folder and a rename."""
+def _save_best(engine, model_cfg, kind: Kind, store: WorkStore, zero_stage: int, rank: int) -> None:
+    """Store the current weights as the best model (rank 0; every rank takes part in a ZeRO-3 gather)."""
     from narvl_model.checkpoint import save_model
     from narvl_model.model import ARModel, NARVLModel
 
@@ -166,63 +281,61 @@ def _save_best(engine, model_cfg, kind: Kind, out: Path, zero_stage: int, rank: 
         return
     model = (ARModel if kind == "ar" else NARVLModel)(model_cfg)
     model.load_state_dict(state)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:6]}")
-    save_model(model, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with tempfile.TemporaryDirectory(prefix="narvl-best-") as d:
+        save_model(model, Path(d))
+        store.put_dir(BEST_DIR, Path(d))
 
 
-def _latest_checkpoint_dir(storage: Path) -> Path | None:
-    """The checkpoint with the highest step among all runs stored under `storage`."""
-    best: tuple[int, float, Path] | None = None
-    for state in storage.glob(f"*/checkpoint_*/{STATE_FILE}"):
-        try:
-            step = json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue  # a partial upload: ignore it
-        key = (step, state.stat().st_mtime, state.parent)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best else None
+# ---- the per-worker loop --------------------------------------------------------------------------------------
+def stage_config(job: TrainJob):
+    from stages.config import TrainNARStage, TrainStage
+
+    return (TrainStage if job.kind == "ar" else TrainNARStage).model_validate(job.stage_cfg)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: tokenizer, model, DeepSpeed engine, the loader's share of the shards, the loop."""
-    t_entry, group_start_s = time.perf_counter(), time.time() - config["t_driver"]
-    import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
-
+def build_model(job: TrainJob, stage_cfg, tokenizer):
+    """The model a fresh run starts from: AR (backbone from the pretrain), NARVL (from the teacher)."""
     from narvl_model.checkpoint import load_model
     from narvl_model.model import ARModel, NARVLModel
-    from narvl_model.tokenizer import Tokenizer
-    from stages.config import TrainNARStage, TrainStage
-    from stages.shards import make_loader
 
-    kind: Kind = config["kind"]
-    stage_cfg = (TrainStage if kind == "ar" else TrainNARStage).model_validate(config["stage_cfg"])
-    tc = stage_cfg.train
-    data_dir, out_dir = Path(config["data_dir"]), Path(config["out_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-
-    tokenizer = Tokenizer.load(data_dir / "tokenizer")
-    model_cfg = build_model_config(kind, stage_cfg, tokenizer)
+    model_cfg = build_model_config(job.kind, stage_cfg, tokenizer)
     torch.manual_seed(stage_cfg.seed)
-    if kind == "ar":
+    if job.kind == "ar":
         model = ARModel(model_cfg)
-        if config.get("backbone_init"):
+        if job.inputs.pretrain is not None:
             from safetensors.torch import load_file
 
-            model.encoder.backbone.load_state_dict(load_file(config["backbone_init"]))  # strict: same architecture
-    elif tc.init_from_teacher:
-        teacher = load_model(Path(config["teacher_dir"]) / "checkpoint")
+            weights = load_file(str(Path(job.inputs.pretrain) / job.backbone_weights))
+            model.encoder.backbone.load_state_dict(weights)  # strict: the same architecture
+        return model
+    if stage_cfg.train.init_from_teacher:
+        if job.inputs.teacher is None:
+            raise ValueError("train_nar with init_from_teacher=true needs the teacher (inputs.teacher)")
+        teacher = load_model(Path(job.inputs.teacher) / BEST_DIR)
         model = NARVLModel.from_ar(teacher, num_queries=model_cfg.num_queries,
                                    decoder_input=model_cfg.decoder_input)
-        model_cfg = model.cfg
-    else:
-        model = NARVLModel(model_cfg)
+        model.cfg = model.cfg.model_copy(update={"nar_loss": model_cfg.nar_loss})
+        return model
+    return NARVLModel(model_cfg)
+
+
+def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
+    """One worker's loop; rank 0 returns (and stores as summary.json) the run's summary."""
+    t_entry = time.perf_counter()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device == "cuda" else "cpu")
+    import deepspeed
+
+    from narvl_model.tokenizer import Tokenizer
+    from stages.shards import make_loader
+
+    kind = job.kind
+    stage_cfg = stage_config(job)
+    tc = stage_cfg.train
+    data_dir = Path(job.inputs.data)
+    rank, world = ctx.rank, ctx.world_size
+    tokenizer = Tokenizer.load(data_dir / "tokenizer")
+    model = build_model(job, stage_cfg, tokenizer)
+    model_cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -231,28 +344,27 @@ def train_loop_per_worker(config: dict) -> None:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tuple(tc.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.max_steps, tc.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=_deepspeed_config(tc))
+                                           config=deepspeed_config(tc))
     device = engine.device
-    setup_s = time.perf_counter() - t_entry  # imports, model, DeepSpeed engine (and the gloo group it joins)
+    setup_s = time.perf_counter() - t_entry  # imports, model, DeepSpeed engine
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
 
     # ---- resume -------------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "samples": 0,
-             "n_infeasible": 0, "elapsed_s": 0.0}
-    ckpt = ray.train.get_checkpoint()
-    resume_dir = config.get("resume_from")
-    if ckpt is not None or resume_dir:
-        with (ckpt.as_directory() if ckpt is not None else _nullpath(resume_dir)) as d:
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "samples": 0,
+                             "n_infeasible": 0, "elapsed_s": 0.0, "curves": []}
+    with tempfile.TemporaryDirectory(prefix="narvl-resume-") as d:
+        resumed = ctx.store.latest_checkpoint(Path(d))
+        if resumed is not None:
             engine.load_checkpoint(d, tag="ds")
             state.update(json.loads((Path(d) / STATE_FILE).read_text()))
-            rng = Path(d) / f"rng_rank{rank}.pt"
-            if rng.exists():
-                torch.set_rng_state(torch.load(rng, weights_only=True))
+            load_rng_state(Path(d) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                ctx.log.info(f"resumed from the checkpoint at step {state['step']}")
     start_step = state["step"]
 
-    override = load_target_override(Path(config["target_override"])) if config.get("target_override") else None
+    override = load_target_override(Path(job.inputs.distill) / "distilled.parquet") if job.inputs.distill else None
     smoothing = label_smoothing_for(kind, stage_cfg)
-    loss_name = tc.loss if kind == "nar" else "ce"
+    loss_name = model_cfg.nar_loss if kind == "nar" else "ce"
     max_tgt = model_cfg.max_target_positions if kind == "ar" else None
     common = dict(shuffle_buffer=tc.shuffle_buffer, num_workers=tc.loader_workers, rank=rank, world_size=world,
                   on_bad_sample=stage_cfg.on_bad_sample, image_size=model_cfg.image_size,
@@ -278,7 +390,7 @@ def train_loop_per_worker(config: dict) -> None:
                                        label_smoothing=0.0, loss_name=loss_name, dtype=dtype)
                 loss_sum += float(loss) * len(b.ids)
                 n += len(b.ids)
-                if i < config.get("val_exact_batches", 2):
+                if i < tc.val_exact_batches:
                     hyp = _decode_quick(kind, engine.module, b, tokenizer, tc.zero_stage, dtype, loss_name)
                     if hyp is not None:
                         for h, t, tl in zip(hyp, b.target.tolist(), b.target_lengths.tolist(), strict=True):
@@ -291,23 +403,25 @@ def train_loop_per_worker(config: dict) -> None:
             out["val_exact"] = exact / n_exact
         return out
 
-    def checkpoint(metrics: dict) -> None:
+    def checkpoint() -> None:
         with tempfile.TemporaryDirectory(prefix="narvl-ckpt-") as d:
-            engine.save_checkpoint(d, tag="ds")
-            torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+            engine.save_checkpoint(d, tag="ds")  # every rank writes its own ZeRO partition
+            save_rng_state(Path(d) / f"rng_rank{rank}.pt")
             if rank == 0:
                 write_json_atomic(Path(d) / STATE_FILE, state)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            if rank != 0:
+                ctx.store.save_checkpoint(state["step"], Path(d), final_part=False)
+            _barrier(world)  # every rank's files are in before rank 0 marks the checkpoint complete
+            if rank == 0:
+                ctx.store.save_checkpoint(state["step"], Path(d), final_part=True)
+            _barrier(world)
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    curves = out_dir / CURVES
-    stop_after = config.get("stop_after_steps")
     window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "infeasible": 0}
     t_window = time.perf_counter()
     t_start = time.perf_counter() - state["elapsed_s"]
     engine.train()
     step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-    last_metrics: dict[str, float] = {}
     while step < tc.max_steps:
         it = batches(epoch, skip)
         consumed = skip
@@ -334,8 +448,8 @@ def train_loop_per_worker(config: dict) -> None:
             state.update(step=step, epoch=epoch, batches_in_epoch=consumed)
             log_now = step % tc.log_every == 0 or step == tc.max_steps
             val_now = step % tc.val_every == 0 or step == tc.max_steps
-            ckpt_now = step % tc.checkpoint_every == 0 or step == tc.max_steps or step == stop_after
-            metrics: dict[str, float] = {"step": step, "epoch": epoch}
+            ckpt_now = step % tc.checkpoint_every == 0 or step == tc.max_steps
+            metrics: dict[str, float] = {}
             if log_now:
                 loss_sum, micro, samples, tokens, infeasible = _allreduce(
                     [window["loss"], window["micro"], window["samples"], window["tokens"], window["infeasible"]],
@@ -344,7 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
                 state["samples"] += int(samples)
                 state["n_infeasible"] += int(infeasible)
                 metrics.update(loss=loss_sum / max(micro, 1), lr=scheduler.get_last_lr()[0],
-                               samples_per_s=samples / dt, tokens_per_s=tokens / dt)
+                               samples_per_s=samples / dt, tokens_per_s=tokens / dt, epoch=epoch)
                 if kind == "nar":
                     metrics["n_infeasible"] = infeasible
                 window = dict.fromkeys(window, 0)
@@ -354,40 +468,51 @@ def train_loop_per_worker(config: dict) -> None:
                 if state["best_val_loss"] is None or metrics["val_loss"] < state["best_val_loss"]:
                     state["best_val_loss"] = metrics["val_loss"]
                     state["best_step"] = step
-                    _save_best(engine, model_cfg, kind, out_dir / "checkpoint", tc.zero_stage, rank)
+                    _save_best(engine, model_cfg, kind, ctx.store, tc.zero_stage, rank)
                 t_window = time.perf_counter()  # validation time is not training throughput
             state["elapsed_s"] = time.perf_counter() - t_start
-            if rank == 0 and (log_now or val_now):
-                with curves.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+            if metrics:
+                state["curves"].append({"step": step, **metrics})
+                if rank == 0:
+                    ctx.log.metrics(metrics, step=step)
+            if rank == 0:
+                ctx.log.progress(step, tc.max_steps)
             if ckpt_now:
-                checkpoint(metrics)
+                checkpoint()
                 t_window = time.perf_counter()  # nor is checkpointing
-            elif log_now:
-                ray.train.report(metrics)
-            last_metrics = metrics
-            if stop_after is not None and step >= stop_after:
-                return  # testing hook: the run "dies" right after this checkpoint
         epoch, skip = epoch + 1, 0
 
-    if rank == 0:
-        write_json_atomic(out_dir / ".worker_summary.json", {
-            **state, "start_step": start_step, "n_params": n_params, "world_size": world,
-            "worker_group_start_s": group_start_s, "worker_setup_s": setup_s,
-            "last": last_metrics, "model_config": model_cfg.model_dump()})
-
-
-class _nullpath:
-    """`with _nullpath(p) as d` -> p (mirrors Checkpoint.as_directory for a plain path)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
+    if rank != 0:
         return None
+    summary = {k: v for k, v in state.items() if k != "curves"}
+    summary.update(start_step=start_step, n_params=n_params, world_size=world, worker_setup_s=setup_s,
+                   model_config=model_cfg.model_dump(), curves=state["curves"])
+    ctx.store.put_json(SUMMARY_FILE, summary)
+    return summary
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def save_rng_state(path: Path) -> None:
+    """Every random state the loop draws from: torch CPU and, on a GPU, CUDA (as tensors: loaded without pickle)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    torch.save(states, path)
+
+
+def load_rng_state(path: Path) -> None:
+    if not path.exists():
+        return
+    states = torch.load(path, weights_only=True)
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _decode_quick(kind: Kind, model, batch, tokenizer, zero_stage: int, dtype, loss_name: str):
@@ -406,115 +531,71 @@ def _decode_quick(kind: Kind, model, batch, tokenizer, zero_stage: int, dtype, l
     return ctc_greedy(logits, tokenizer.blank_id, tokenizer.eos_id)
 
 
-# ---- the driver ------------------------------------------------------------------------------------------------
-def _ensure_ray() -> None:
-    import ray
+# ---- around the loop: in this process, and the stage's result -----------------------------------------------
+@contextmanager
+def local_process_group(device: str = "cpu") -> Iterator[None]:
+    """A one-process torch.distributed group (what DeepSpeed needs) for `run_local`, torn down afterwards."""
+    import socket
 
-    if ray.is_initialized():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def read_curves(path: Path) -> list[dict]:
-    """The curve lines of `curves.jsonl`, one per step (a resumed run's rows replace the dead run's)."""
-    if not path.exists():
-        return []
-    rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[int(row["step"])] = row
-    return [rows[s] for s in sorted(rows)]
+def run_local(job: TrainJob, store: WorkStore, log: StageLog) -> dict:
+    """Run the loop as the only worker, in this process (one CPU or GPU)."""
+    device = "cuda" if stage_config(job).train.use_gpu else "cpu"
+    with local_process_group(device):
+        summary = train_worker(job, WorkerContext(rank=0, world_size=1, store=store, log=log, device=device))
+    assert summary is not None
+    return summary
 
 
-def fit(kind: Kind, stage_cfg, data_dir: Path, out_dir: Path, log: StageLog, teacher_dir: Path | None = None,
-        target_override_path: Path | None = None, *, backbone_init: Path | None = None,
-        stop_after_steps: int | None = None, keep_checkpoints: bool = False) -> dict:
-    """Train the AR teacher (`kind="ar"`) or the NARVL student (`kind="nar"`) with Ray Train + DeepSpeed.
+def finish(job: TrainJob, store: WorkStore, out_dir: Path, log: StageLog, wall_s: float,
+           extra: dict | None = None) -> dict:
+    """The stage's result from a finished work store: checkpoint/ (the best model), curves.parquet, metrics.json.
 
-    Args:
-        kind: "ar" or "nar".
-        stage_cfg: TrainStage or TrainNARStage.
-        data_dir: a prepare_data output (tokenizer/, train/, val/).
-        out_dir: where checkpoint/, curves.parquet, metrics.json go; also holds the Ray Train checkpoints
-            (`ray_train/`) that a rerun on the same folder resumes from.
-        log: the stage log (curves go through `log.metrics`).
-        teacher_dir: train_teacher output (NARVL with init_from_teacher).
-        target_override_path: distilled.parquet (id -> target) for knowledge distillation.
-        backbone_init: AR only: image-backbone weights (stages/pretrain.py) the encoder starts from.
-        stop_after_steps: testing hook: stop (as if killed) right after the checkpoint at this step.
-        keep_checkpoints: keep `ray_train/` after a finished run (default: delete it, the best model stays).
-
-    Returns:
-        The summary also written to metrics.json (steps, losses, throughput, wall time, Ray overhead).
+    Raises TrainingIncomplete when the loop did not finish (no summary): such a folder is never a result.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    if kind == "nar" and stage_cfg.train.init_from_teacher and teacher_dir is None:
-        raise ValueError("train_nar with init_from_teacher=true needs the teacher's folder (teacher_dir)")
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    storage = out_dir / RAY_DIR
-    resume = _latest_checkpoint_dir(storage) if storage.exists() else None
-    if resume is not None:
-        log.info(f"resuming from {resume} (step {json.loads((resume / STATE_FILE).read_text())['step']})")
-    (out_dir / ".worker_summary.json").unlink(missing_ok=True)
-    tc = stage_cfg.train
-    loop_config = {
-        "kind": kind, "stage_cfg": stage_cfg.model_dump(mode="json"), "data_dir": str(Path(data_dir).resolve()),
-        "out_dir": str(out_dir), "teacher_dir": str(Path(teacher_dir).resolve()) if teacher_dir else None,
-        "target_override": str(Path(target_override_path).resolve()) if target_override_path else None,
-        "resume_from": str(resume) if resume else None, "stop_after_steps": stop_after_steps,
-        "backbone_init": str(Path(backbone_init).resolve()) if backbone_init else None,
-        "t_driver": time.time(),
-    }
-    _ensure_ray()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
-        run_config=RunConfig(
-            name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    log.info(f"{kind} training: {tc.num_workers} worker(s), ZeRO-{tc.zero_stage}, {tc.precision}, "
-             f"{tc.max_steps} steps of {tc.batch_size}x{tc.grad_accum} per worker")
-    t_fit = time.perf_counter()
-    result = trainer.fit()
-    fit_s = time.perf_counter() - t_fit
-    if result.error is not None:
-        raise RuntimeError(f"{kind} training failed") from result.error
-
-    rows = read_curves(out_dir / CURVES)
-    for row in rows:
-        log.metrics({k: float(v) for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    ws = store.get_json(SUMMARY_FILE)
+    if ws is None or ws.get("step") != stage_config(job).train.max_steps:
+        raise TrainingIncomplete(f"{job.kind} training ended without finishing (no {SUMMARY_FILE} at max_steps)")
+    out_dir = Path(out_dir)
+    if not (out_dir / BEST_DIR / "model_config.json").exists():
+        raise TrainingIncomplete(f"training ended without a best model in {out_dir / BEST_DIR}")
+    tc = stage_config(job).train
+    rows = ws.pop("curves")
     if rows:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.Table.from_pylist(rows), out_dir / "curves.parquet")
-    summary_path = out_dir / ".worker_summary.json"
-    if not summary_path.exists():  # stopped by the testing hook (or a run that ended without finishing)
-        last = read_curves(out_dir / CURVES)
-        return {"stopped": True, "step": int(last[-1]["step"]) if last else 0}
-    ws = json.loads(summary_path.read_text())
-    summary_path.unlink()
     train_rows = [r for r in rows if "samples_per_s" in r]
     val_rows = [r for r in rows if "val_loss" in r]
     # the first window of a fresh run carries warm-up (engine, loader start): report the median window
     sps = sorted(r["samples_per_s"] for r in train_rows)
+    tps = sorted(r["tokens_per_s"] for r in train_rows)
     metrics = {
-        "kind": kind,
+        "kind": job.kind,
         "steps": ws["step"],
         "resumed_from_step": ws["start_step"],
         "epochs": ws["epoch"] + 1,
@@ -526,25 +607,31 @@ def fit(kind: Kind, stage_cfg, data_dir: Path, out_dir: Path, log: StageLog, tea
         "best_step": ws.get("best_step"),
         "final_val_exact": val_rows[-1].get("val_exact") if val_rows else None,
         "samples_per_s": sps[len(sps) // 2] if sps else None,
-        "tokens_per_s": sorted(r["tokens_per_s"] for r in train_rows)[len(sps) // 2] if sps else None,
+        "tokens_per_s": tps[len(tps) // 2] if tps else None,
         "n_infeasible_total": ws["n_infeasible"],
         "n_params": ws["n_params"],
         "world_size": ws["world_size"],
         "zero_stage": tc.zero_stage,
         "precision": tc.precision,
         "train_loop_s": ws["elapsed_s"],
-        "fit_s": fit_s,
-        "ray_overhead_s": max(0.0, fit_s - ws["elapsed_s"]) if not ws["start_step"] else None,
-        "worker_group_start_s": ws["worker_group_start_s"],
         "worker_setup_s": ws["worker_setup_s"],
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
+        **(extra or {}),
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
-    if not keep_checkpoints:
-        shutil.rmtree(storage, ignore_errors=True)
-    if not (out_dir / "checkpoint").exists():
-        raise RuntimeError(f"training ended without a best model in {out_dir / 'checkpoint'}")
-    log.info(f"{kind} training done: {metrics['steps']} steps, loss {metrics['first_loss']} -> "
+    log.info(f"{job.kind} training done: {metrics['steps']} steps, loss {metrics['first_loss']} -> "
              f"{metrics['final_loss']}, best val {metrics['best_val_loss']}, "
-             f"{metrics['samples_per_s'] or math.nan:.1f} samples/s, Ray overhead {metrics['ray_overhead_s']}")
+             f"{metrics['samples_per_s'] or math.nan:.1f} samples/s")
+    return metrics
+
+
+def train(job: TrainJob, out_dir: Path, log: StageLog, extra: dict | None = None) -> dict:
+    """Train as one worker in this process, with the work store in `out_dir` (a rerun resumes there)."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = LocalWorkStore(out_dir)
+    run_local(job, store, log)
+    metrics = finish(job, store, out_dir, log, time.perf_counter() - t0, extra)
+    shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)  # the best model stays
     return metrics

@@ -3,13 +3,22 @@ trained on the teacher's decodes (KD). Uses the shared loop in `stages.train`.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common import StageLog
 from stages.config import TrainNARStage
-from stages.train import fit, is_ctc_infeasible, load_target_override
+from stages.train import TrainInputs, TrainJob, is_ctc_infeasible, load_target_override, train
 
-VERSION = 1
+VERSION = 2
+DISTILLED = "distilled.parquet"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    data: Path  # prepare_data
+    teacher: Path  # train_teacher (checkpoint/)
+    distill: Path | None = None  # with kd=true: distilled.parquet
 
 
 def scan_feasibility(cfg: TrainNARStage, data_dir: Path, target_override: dict[str, str] | None) -> dict:
@@ -47,23 +56,13 @@ def scan_feasibility(cfg: TrainNARStage, data_dir: Path, target_override: dict[s
             "infeasible_samples": infeasible_samples, "max_target_len_with_eos": max_len}
 
 
-def run(cfg: TrainNARStage, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
-    """Train NARVL; writes checkpoint/ (best by val loss), curves.parquet, metrics.json (with the feasibility
-    scan).
-
-    Args:
-        cfg: task, seed, model and the NAR recipe (num_queries, loss, kd, decoder_input, init_from_teacher).
-        inputs: {"prepare_data", "train_teacher", and with kd=true "distill" (distilled.parquet)}.
-        out_dir: the stage's output folder (a rerun on the same folder resumes from its last checkpoint).
-        log: the stage log.
-    """
-    data_dir = Path(inputs["prepare_data"])
-    override_path = None
-    if cfg.train.kd:
-        if "distill" not in inputs:
-            raise ValueError("train_nar.kd=true needs the distill stage's output in inputs['distill']")
-        override_path = Path(inputs["distill"]) / "distilled.parquet"
-    scan = scan_feasibility(cfg, data_dir, load_target_override(override_path))
+def job(cfg: TrainNARStage, inputs: Inputs, log: StageLog) -> tuple[TrainJob, dict]:
+    """What every worker runs, and the stage's own figures for metrics.json (the Q-CTC feasibility scan)."""
+    if cfg.train.kd and inputs.distill is None:
+        raise ValueError("train_nar.kd=true needs the distill stage's output (inputs.distill)")
+    distill = inputs.distill if cfg.train.kd else None
+    override = load_target_override(Path(distill) / DISTILLED) if distill else None
+    scan = scan_feasibility(cfg, Path(inputs.data), override)
     if cfg.train.loss == "qctc" and scan["infeasible_targets"]:
         log.info(f"WARNING: {scan['infeasible_targets']} of {scan['targets']} training targets "
                  f"({scan['infeasible_samples']} samples) cannot be emitted by {scan['num_queries']} queries "
@@ -71,15 +70,13 @@ def run(cfg: TrainNARStage, inputs: dict[str, Path], out_dir: Path, log: StageLo
                  f"gradient. Raise train_nar.num_queries.{cfg.task}.")
     else:
         log.info(f"Q-CTC feasibility: all {scan['targets']} targets fit {scan['num_queries']} queries")
-    teacher = Path(inputs["train_teacher"]) if "train_teacher" in inputs else None
-    metrics = fit("nar", cfg, data_dir, Path(out_dir), log, teacher_dir=teacher,
-                  target_override_path=override_path)
-    if metrics.get("stopped"):
-        return metrics
-    metrics["feasibility"] = scan
-    metrics["kd"] = cfg.train.kd
-    metrics["loss"] = cfg.train.loss
-    from stages.common import write_json_atomic
+    the_job = TrainJob("nar", cfg.model_dump(mode="json"),
+                       TrainInputs(data=inputs.data, teacher=inputs.teacher, distill=distill))
+    return the_job, {"feasibility": scan, "kd": cfg.train.kd, "loss": cfg.train.loss}
 
-    write_json_atomic(Path(out_dir) / "metrics.json", metrics)
-    return metrics
+
+def run(cfg: TrainNARStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dict:
+    """Train NARVL as one worker in this process; writes checkpoint/ (best by val loss), curves.parquet,
+    metrics.json (with the feasibility scan). A rerun on the same out_dir resumes from its last checkpoint."""
+    the_job, extra = job(cfg, inputs, log)
+    return train(the_job, out_dir, log, extra)

@@ -28,10 +28,10 @@ def ray_session(tmp_path_factory):
     """One small local Ray for the whole test session (2 CPUs, no dashboard); shut down at the end."""
     import ray
 
-    from pipeline.ray_utils import init_local_ray
+    from pipeline.ray_utils import init_ray
 
     if not ray.is_initialized():
-        init_local_ray(temp_dir=tmp_path_factory.mktemp("ray"))
+        init_ray(temp_dir=tmp_path_factory.mktemp("ray"))
     yield ray
     ray.shutdown()
 

@@ -11,6 +11,7 @@ import pytest
 from pipeline import dag
 from pipeline.cache import final_dir, work_dir
 from pipeline.config import ConfigError, load_config
+from pipeline.storage import Storage
 from pipeline.testing import FAKE_STAGES, executions
 
 ALL = {"prepare_data", "pretrain", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl",
@@ -61,15 +62,13 @@ def test_graph_shape_and_ablations(fakes):
                                          "evaluate_narvl[no_kd]",
                            "train_nar[encoder_input]", "evaluate_narvl[encoder_input]"}
     n = graph.nodes
-    assert n["vqa/train_nar"].inputs == {"prepare_data": "prepare_data", "train_teacher": "train_teacher",
-                                         "distill": "distill"}
+    assert n["vqa/train_nar"].inputs == {"data": "prepare_data", "teacher": "train_teacher", "distill": "distill"}
     assert "distill" not in n["vqa/train_nar[no_kd]"].inputs
     assert n["vqa/train_nar[ce]"].cfg.train.loss == "ce"
     enc = n["vqa/train_nar[encoder_input]"].cfg
     assert enc.train.decoder_input == "encoder" and enc.model.decoder_input == "encoder"
     assert n["vqa/train_nar"].cfg.model.num_queries == cfg.train_nar.num_queries["vqa"]
-    assert n["vqa/benchmark"].inputs == {"prepare_data": "prepare_data", "ar": "train_teacher",
-                                         "narvl": "train_nar"}
+    assert n["vqa/benchmark"].inputs == {"data": "prepare_data", "ar": "train_teacher", "narvl": "train_nar"}
     assert n["vqa/evaluate_narvl[ce]"].inputs["model"] == "train_nar[ce]"
     # the prefix is shared: same keys with or without ablations; tasks differ
     plain = dag.build_graph(config())
@@ -78,11 +77,25 @@ def test_graph_shape_and_ablations(fakes):
     assert len({x.key for x in n.values()}) == len(n)
 
 
+def test_wiring_matches_each_stage_contract():
+    """Every node's inputs are exactly the fields of its (real) stage's Inputs dataclass; optional ones may be
+    left out."""
+    import dataclasses
+    import importlib
+
+    graph = dag.build_graph(config("ablations=[ce_no_kd,no_kd,encoder_input]", "tasks=[caption,vqa]",
+                                   "pretrain.enabled=true"))
+    for node in graph.nodes.values():
+        fields = dataclasses.fields(importlib.import_module(f"stages.{node.stage}").Inputs)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        assert required <= set(node.inputs) <= {f.name for f in fields}, node.id
+
+
 def test_one_pretrain_serves_every_task(fakes):
     graph = dag.build_graph(config("tasks=[caption,vqa]"))
     pre = graph.nodes["shared/pretrain"]
     assert [n.id for n in graph.nodes.values() if n.stage == "pretrain"] == ["shared/pretrain"]
-    assert pre.inputs == {"prepare_data": "caption/prepare_data"}
+    assert pre.inputs == {"data": "caption/prepare_data"}
     for task in ("caption", "vqa"):
         assert graph.nodes[f"{task}/train_teacher"].inputs["pretrain"] == "shared/pretrain"
     # the same key whichever tasks run (a VQA-only sweep reuses the full run's backbone), but not for other images
@@ -140,7 +153,7 @@ def test_only(root, tmp_path):
     assert ran == {"evaluate_ar", "evaluate_narvl"}
     # inputs not cached: an error naming the input, before anything runs
     with pytest.raises(dag.PipelineError, match="'model'.*caption/train_nar.*not cached"):
-        dag.make_plan(dag.build_graph(config("train_nar.lr=0.004")), root, only="evaluate")
+        dag.make_plan(dag.build_graph(config("train_nar.lr=0.004")), Storage(root), only="evaluate")
     with pytest.raises(dag.PipelineError, match="not cached"):
         run(config(), tmp_path / "empty", only="benchmark")
     assert not (tmp_path / "empty").exists()
@@ -148,9 +161,9 @@ def test_only(root, tmp_path):
 
 def test_plan_reports_hits_and_runs(root):
     graph = dag.build_graph(config("train_nar.lr=0.005"))
-    plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, root).items()}
+    plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, Storage(root)).items()}
     assert {k for k, v in plan.items() if v == "run"} == {"train_nar", "evaluate_narvl", "benchmark"}
-    plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, root, force=["train_teacher"]).items()}
+    plan = {graph.nodes[i].name: a for i, a in dag.make_plan(graph, Storage(root), force=["train_teacher"]).items()}
     assert {k for k, v in plan.items() if v == "hit"} == {"prepare_data", "pretrain"}
 
 
@@ -160,7 +173,7 @@ def test_half_written_folder_is_never_a_hit(fakes, ray_session, tmp_path):
     half = final_dir(tmp_path, "caption", node.name, node.key)
     half.mkdir(parents=True)
     (half / "junk.bin").write_bytes(b"partial")
-    assert dag.make_plan(dag.build_graph(cfg), tmp_path)["caption/prepare_data"] == "run"
+    assert dag.make_plan(dag.build_graph(cfg), Storage(tmp_path))["caption/prepare_data"] == "run"
     result, ran = run(cfg, tmp_path)
     assert result.ok and "prepare_data" in ran
     assert (half / "manifest.json").exists() and not (half / "junk.bin").exists()
@@ -215,7 +228,8 @@ def test_manifest_and_stage_folder(base):
     d = final_dir(base, "caption", node.name, node.key)
     m = json.loads((d / "manifest.json").read_text())
     assert m["status"] == "succeeded" and m["key"] == node.key and m["stage"] == "train_nar" and m["version"] == 1
-    assert set(m["inputs"]) == {"prepare_data", "train_teacher", "distill"}
+    assert set(m["inputs"]) == {"data", "teacher", "distill"}
+    assert m["files"]["stage.log"] and set(m["files"]) >= {"config.yaml", "curves.parquet", "metrics.json"}
     assert {"sha", "dirty"} <= set(m["git"]) and m["mlflow_run_id"] and m["duration_s"] >= 0
     assert m["outputs"] == {"steps": 40, "resumed_from": 0}
     assert "max_steps: 40" in (d / "config.yaml").read_text()
