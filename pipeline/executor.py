@@ -212,10 +212,11 @@ class StorageWorkStore:
         return self.storage.read_json(f"{self.rel}/{name}")
 
 
-def work_store(spec: NodeSpec, scratch: Path):
+def work_store(storage: Storage, rel: str):
+    """The WorkStore at `rel` on the root: a folder on a local root, objects on an object store."""
     from stages.train import LocalWorkStore
 
-    return StorageWorkStore(spec.storage, spec.work_rel) if spec.storage.remote else LocalWorkStore(scratch)
+    return StorageWorkStore(storage, rel) if storage.remote else LocalWorkStore(storage.local(rel))
 
 
 # ---- running one node (inside a Ray worker) -----------------------------------------------------------------
@@ -303,48 +304,68 @@ def execute_node(spec: NodeSpec) -> dict[str, Any]:
 
 def run_training(spec: NodeSpec, stage: Any, inputs: Any, scratch: Path, log: NodeLog) -> dict:
     """A training stage: its workers (this task, or a TorchTrainer group), then its result."""
+    job, extra = stage.job(spec.cfg, inputs, log)
+    return train_workers(job, spec.storage, spec.work_rel, scratch, log, resources=spec.resources, extra=extra,
+                         node_id=spec.id, sink=spec.sink, spec=spec)
+
+
+def train_workers(job: Any, storage: Storage, rel: str, out_dir: Path, log: Any, *, resources: StageResources,
+                  extra: dict | None = None, node_id: str = "", sink: Any = None, spec: NodeSpec | None = None) -> dict:
+    """Run a training job's workers with the work store at `rel` on the root, then write its result to `out_dir`.
+
+    One worker runs in this process (the Ray task that called this holds its resources); several run in a Ray Train
+    TorchTrainer, each asking for `resources` (and the GPU of `use_gpu`). On an object-store root every worker
+    fetches its own inputs (`spec`) and the best model comes back from the work store.
+    """
     from stages import train
 
     t0 = time.perf_counter()
-    job, extra = stage.job(spec.cfg, inputs, log)
-    store = work_store(spec, scratch)
-    tc = spec.cfg.train
+    tc = train.stage_config(job).train
+    store = work_store(storage, rel)
+    extra = dict(extra or {})
     if tc.num_workers == 1:
-        train.run_local(job, store, log)  # this task holds one worker's resources
-        extra = {**extra, "launcher": "task"}
+        train.run_local(job, store, log)
+        extra["launcher"] = "task"
     else:
-        fit_s = _fit_torch_trainer(spec, job, inputs)
-        extra = {**extra, "launcher": "ray_train", "fit_s": fit_s}
-    if spec.storage.remote:  # the best model, from the work store on the root into this node's scratch
-        spec.storage.download_dir(f"{spec.work_rel}/{train.BEST_DIR}", scratch / train.BEST_DIR)
-    metrics = train.finish(job, store, scratch, log, time.perf_counter() - t0, extra)
-    shutil.rmtree(scratch / train.CKPT_DIR, ignore_errors=True)  # local roots: the best model stays
-    (scratch / train.SUMMARY_FILE).unlink(missing_ok=True)
+        extra.update(launcher="ray_train", fit_s=_fit_torch_trainer(job, storage, rel, resources, node_id, sink, spec))
+    if storage.remote:
+        storage.download_dir(f"{rel}/{train.BEST_DIR}", Path(out_dir) / train.BEST_DIR)
+    metrics = train.finish(job, store, Path(out_dir), log, time.perf_counter() - t0, extra)
+    if storage.remote:
+        storage.delete_dir(rel)
+    else:
+        shutil.rmtree(Path(out_dir) / train.CKPT_DIR, ignore_errors=True)  # the best model stays
+        (Path(out_dir) / train.SUMMARY_FILE).unlink(missing_ok=True)
     return metrics
 
 
-def _fit_torch_trainer(spec: NodeSpec, job: Any, inputs: Any) -> float:
+def _fit_torch_trainer(job: Any, storage: Storage, rel: str, resources: StageResources, node_id: str, sink: Any,
+                       spec: NodeSpec | None) -> float:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    tc = spec.cfg.train
-    per_worker = worker_resources(spec.resources, tc.use_gpu)
+    from stages import train
+
+    tc = train.stage_config(job).train
     scaling = ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                            resources_per_worker=_ray_resources(per_worker, train_worker=True))
+                            resources_per_worker=_ray_resources(worker_resources(resources, tc.use_gpu), True))
     local = tempfile.mkdtemp(prefix="narvl-raytrain-")  # Ray Train's own run state; checkpoints are in the store
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"spec": spec, "job": job, "inputs": inputs},
+        train_loop_config={"job": job, "storage": storage, "rel": rel, "node_id": node_id, "sink": sink,
+                           "spec": spec},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=scaling,
-        run_config=RunConfig(name=f"{spec.name}-{spec.key[:12]}-{int(time.time())}", storage_path=local,
+        run_config=RunConfig(name=f"{Path(rel).name}-{int(time.time())}", storage_path=local,
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     t = time.perf_counter()
-    result = trainer.fit()
-    shutil.rmtree(local, ignore_errors=True)
+    try:
+        result = trainer.fit()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
     if result.error is not None:
-        raise RuntimeError(f"{spec.id}: training failed") from result.error
+        raise RuntimeError(f"{node_id or rel}: training failed") from result.error
     return time.perf_counter() - t
 
 
@@ -356,24 +377,34 @@ def ray_train_loop(config: dict) -> None:
     from stages import train
 
     adopt_carried_env()
-    spec: NodeSpec = config["spec"]
-    job = config["job"]
+    job, storage, spec = config["job"], config["storage"], config["spec"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    os.environ["DS_ACCELERATOR"] = "cuda" if spec.cfg.train.use_gpu else "cpu"
-    if spec.storage.remote:  # this worker's node may not be the stage task's: fetch the inputs here
+    use_gpu = train.stage_config(job).train.use_gpu
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    if storage.remote and spec is not None:  # this worker's node may not be the stage task's: fetch inputs here
         mine = resolve_inputs(spec, load_stage(spec.stage_ref))
         job = dataclasses.replace(job, inputs=dataclasses.replace(
             job.inputs, **{f: getattr(mine, f) for f in ("data", "pretrain", "teacher", "distill")
                            if hasattr(mine, f) and getattr(job.inputs, f) is not None}))
-    store = StorageWorkStore(spec.storage, spec.work_rel) if spec.storage.remote else train.LocalWorkStore(
-        spec.storage.local(spec.work_rel))
-    log = NodeLog(spec.id, spec.sink if rank == 0 else None)
+    log = NodeLog(config["node_id"], config["sink"] if rank == 0 else None)
     try:
-        train.train_worker(job, train.WorkerContext(rank=rank, world_size=ctx.get_world_size(), store=store, log=log,
-                                                    device="cuda" if spec.cfg.train.use_gpu else "cpu"))
+        train.train_worker(job, train.WorkerContext(rank=rank, world_size=ctx.get_world_size(),
+                                                    store=work_store(storage, config["rel"]), log=log,
+                                                    device="cuda" if use_gpu else "cpu"))
     finally:
         log.close()
+
+
+def train_stage_on_ray(stage: Any, cfg: Any, inputs: Any, out_dir: Path, log: Any,
+                       resources: StageResources | None = None) -> dict:
+    """A training stage outside a DAG (tests, notebooks): its workers on the connected Ray, the work store and the
+    result in `out_dir` (a rerun on the same folder resumes)."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job, extra = stage.job(cfg, inputs, log)
+    return train_workers(job, Storage(out_dir.parent), out_dir.name, out_dir, log,
+                         resources=resources or StageResources(), extra=extra)
 
 
 def run_fanned_out(spec: NodeSpec, stage: Any, inputs: Any, scratch: Path, log: NodeLog) -> dict:

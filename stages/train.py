@@ -29,8 +29,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -437,7 +435,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             consumed += 1
-            window["loss"] += float(loss)
+            window["loss"] += float(loss.detach())
             window["micro"] += 1
             window["samples"] += len(b.ids)
             window["tokens"] += int(b.target_lengths.sum())
@@ -532,40 +530,33 @@ def _decode_quick(kind: Kind, model, batch, tokenizer, zero_stage: int, dtype, l
 
 
 # ---- around the loop: in this process, and the stage's result -----------------------------------------------
-@contextmanager
-def local_process_group(device: str = "cpu") -> Iterator[None]:
-    """A one-process torch.distributed group (what DeepSpeed needs) for `run_local`, torn down afterwards."""
+def local_process_group(device: str = "cpu") -> None:
+    """A one-process torch.distributed group (what DeepSpeed needs) for `run_local`.
+
+    Made once per process and kept: DeepSpeed holds on to the first group it sees, so a process that trains
+    several times (a reused Ray worker, a test session) must keep the same one.
+    """
     import socket
 
     import torch.distributed as dist
 
     if dist.is_initialized():
-        yield
+        if dist.get_world_size() != 1:
+            raise RuntimeError("run_local needs a one-process group; this process is in a larger one")
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "LOCAL_WORLD_SIZE": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_local(job: TrainJob, store: WorkStore, log: StageLog) -> dict:
     """Run the loop as the only worker, in this process (one CPU or GPU)."""
     device = "cuda" if stage_config(job).train.use_gpu else "cpu"
-    with local_process_group(device):
-        summary = train_worker(job, WorkerContext(rank=0, world_size=1, store=store, log=log, device=device))
+    local_process_group(device)
+    summary = train_worker(job, WorkerContext(rank=0, world_size=1, store=store, log=log, device=device))
     assert summary is not None
     return summary
 

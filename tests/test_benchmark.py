@@ -16,7 +16,7 @@ from stages.config import BenchmarkConfig, BenchmarkStage
 def test_benchmark_writes_latency_and_speedups(shared_data, shared_teacher, shared_nar, tmp_path):  # noqa: F811
     cfg = BenchmarkStage(task=TASK, benchmark=BenchmarkConfig(num_samples=6, ar_beam_size=3, ar_max_len=8,
                                                               batch_sizes=[4], threads=1))
-    benchmark.run(cfg, {"prepare_data": shared_data, "ar": shared_teacher, "narvl": shared_nar[0]}, tmp_path,
+    benchmark.run(cfg, benchmark.Inputs(data=shared_data, ar=shared_teacher, narvl=shared_nar[0]), tmp_path,
                   PrintLog())
     res = json.loads((tmp_path / "latency.json").read_text())
     assert res["device"] == "cpu (1 threads)" and res["num_samples_timed"] == 5

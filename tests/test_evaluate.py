@@ -18,7 +18,7 @@ from stages.config import EvalConfig, EvaluateStage
 def test_evaluate_writes_the_contract(kind, shared_data, shared_teacher, shared_nar, tmp_path):  # noqa: F811
     model_dir = shared_teacher if kind == "ar" else shared_nar[0]
     cfg = EvaluateStage(task=TASK, kind=kind, eval=EvalConfig(ar_beam_size=3, ar_max_len=8, batch_size=8))
-    res = evaluate.run(cfg, {"prepare_data": shared_data, "model": model_dir}, tmp_path, PrintLog())
+    res = evaluate.run(cfg, evaluate.Inputs(data=shared_data, model=model_dir), tmp_path, PrintLog())
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metric"] == "accuracy" and 0.0 <= saved["value"] <= 100.0
     assert saved["value"] == pytest.approx(100 * saved["metrics"]["accuracy"]) and res["n"] == 16

@@ -20,7 +20,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "ofa_bpe"
 def test_shapes_source(tmp_path):
     cfg = PrepareDataStage(task="grounding", data=DataConfig(**TINY))
     log = PrintLog()
-    report = prepare_data.run(cfg, {}, tmp_path, log)
+    report = prepare_data.run(cfg, prepare_data.Inputs(), tmp_path, log)
     assert {s: v["count"] for s, v in report["splits"].items()} == {"train": 24, "val": 6, "test": 6}
     for split in ("train", "val", "test"):
         m = read_manifest(tmp_path / split, verify=True)
@@ -39,7 +39,7 @@ def test_shards_source_via_synth_all(tmp_path):
     assert synth["vqa"]["test"]["count"] == 6
     cfg = PrepareDataStage(task="vqa",
                            data=DataConfig(**TINY, source="shards", shards_dir=str(tmp_path / "synth")))
-    report = prepare_data.run(cfg, {}, tmp_path / "out", PrintLog())
+    report = prepare_data.run(cfg, prepare_data.Inputs(), tmp_path / "out", PrintLog())
     assert report["splits"]["train"]["count"] == 24 and report["splits"]["train"]["max_target_tokens"] >= 1
     assert report["splits"]["train"]["dataset"]["name"] == "shapes"
     read_manifest(tmp_path / "out" / "train", verify=True)
@@ -49,12 +49,13 @@ def test_shards_source_via_synth_all(tmp_path):
     cfg = PrepareDataStage(task="caption",
                            data=DataConfig(**TINY, source="shards", shards_dir=str(tmp_path / "synth")))
     with pytest.raises(DataError, match="val-000000.tar: sha256"):
-        prepare_data.run(cfg, {}, tmp_path / "out2", PrintLog())
+        prepare_data.run(cfg, prepare_data.Inputs(), tmp_path / "out2", PrintLog())
 
 
 def test_ofa_tokenizer_option(tmp_path):
     data = DataConfig(**{**TINY, "train_per_task": 3, "val_per_task": 1, "test_per_task": 1},
                       tokenizer="ofa", ofa_bpe_dir=str(FIXTURES))
-    report = prepare_data.run(PrepareDataStage(task="entailment", data=data), {}, tmp_path, PrintLog())
+    cfg = PrepareDataStage(task="entailment", data=data)
+    report = prepare_data.run(cfg, prepare_data.Inputs(), tmp_path, PrintLog())
     assert report["tokenizer"]["kind"] == "ofa"
     assert Tokenizer.load(tmp_path / "tokenizer").encode(" red circle") == [5, 4]

@@ -25,7 +25,7 @@ DATA = DataConfig(image_size=64, train_per_task=2048, val_per_task=128, test_per
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain-data")
-    prepare_data.run(PrepareDataStage(task="vqa", data=DATA), {}, out, PrintLog())
+    prepare_data.run(PrepareDataStage(task="vqa", data=DATA), prepare_data.Inputs(), out, PrintLog())
     return out
 
 
@@ -44,7 +44,7 @@ def test_dense_targets_put_each_object_in_its_centre_cell():
 def test_pretrain_learns_objects_and_teacher_backbone_loads_it(data, tmp_path):
     cfg = PretrainStage(data=DATA, model=ModelConfig.from_name("cpu-tiny"),
                         pretrain=PretrainConfig(enabled=True, steps=300, batch_size=32, log_every=50))
-    out = pretrain.run(cfg, {"prepare_data": data}, tmp_path, PrintLog())
+    out = pretrain.run(cfg, pretrain.Inputs(data=data), tmp_path, PrintLog())
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(out)
     # chance: colour 1/6, shape 1/6, size 1/2 (at the cells holding an object centre)
     assert out["val_colour_acc"] > 0.9, out

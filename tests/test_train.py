@@ -1,5 +1,5 @@
-"""The shared training loop (Ray Train + DeepSpeed): the teacher learns on 2 workers with ZeRO-2, a stopped run
-resumes to the same weights, and NARVL (from the teacher, Q-CTC) learns and reports infeasible targets.
+"""The shared training loop (DeepSpeed): the teacher learns on 2 Ray Train workers with ZeRO-2, a run killed after a
+checkpoint resumes to the same weights, and NARVL (from the teacher, Q-CTC) learns and reports infeasible targets.
 
 The prepared data, the teacher and the NARVL model are built once per session (`shared_*` below) and reused by
 test_distill.py, test_evaluate.py and test_benchmark.py, which import these fixtures.
@@ -47,7 +47,7 @@ def shared_data(tmp_path_factory) -> Path:
         out = tmp_path_factory.mktemp("data")
         prepare_data.run(PrepareDataStage(task=TASK, data=DataConfig(
             image_size=32, train_per_task=64, val_per_task=16, test_per_task=16, samples_per_shard=16,
-            bpe_vocab_size=200, num_bins=16)), {}, out, PrintLog())
+            bpe_vocab_size=200, num_bins=16)), prepare_data.Inputs(), out, PrintLog())
         _BUILT["data"] = out
     return _BUILT["data"]
 
@@ -55,10 +55,12 @@ def shared_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shared_teacher(shared_data, tmp_path_factory, ray_session) -> Path:
     if "teacher" not in _BUILT:
+        from pipeline.executor import train_stage_on_ray
         from stages import train_teacher
 
         out = tmp_path_factory.mktemp("teacher")
-        train_teacher.run(teacher_cfg(), {"prepare_data": shared_data}, out, PrintLog("teacher"))
+        train_stage_on_ray(train_teacher, teacher_cfg(), train_teacher.Inputs(data=shared_data), out,
+                           PrintLog("teacher"))
         _BUILT["teacher"] = out
     return _BUILT["teacher"]
 
@@ -70,8 +72,8 @@ def shared_nar(shared_data, shared_teacher, tmp_path_factory, ray_session) -> tu
 
         out = tmp_path_factory.mktemp("nar")
         log = PrintLog("nar")
-        inputs = {"prepare_data": shared_data, "train_teacher": shared_teacher}
-        metrics = train_nar.run(nar_cfg(), inputs, out, log)
+        inputs = train_nar.Inputs(data=shared_data, teacher=shared_teacher)
+        metrics = train_nar.run(nar_cfg(), inputs, out, log)  # one worker, in this process
         _BUILT["nar"] = out
         _BUILT["nar_metrics"] = metrics  # type: ignore[assignment]
         _BUILT["nar_log"] = log  # type: ignore[assignment]
@@ -91,37 +93,74 @@ def test_teacher_learns_on_two_workers_with_zero2(shared_teacher):
     assert isinstance(load_model(shared_teacher / "checkpoint"), ARModel)
     steps = [r["step"] for r in _curves(shared_teacher)]
     assert steps == [4, 8, 12, 16, 20, 24]
-    assert not (shared_teacher / "ray_train").exists()  # Ray Train checkpoints are dropped after success
+    assert m["launcher"] == "ray_train"
+    assert not (shared_teacher / "ckpt").exists()  # checkpoints are dropped after success, the best model stays
+
+
+class _Killed(Exception):
+    pass
+
+
+def _dies_after(step: int):
+    """A work store whose worker is killed right after the checkpoint of `step` is complete."""
+    from stages.train import LocalWorkStore
+
+    class DiesAfter(LocalWorkStore):
+        def save_checkpoint(self, at: int, src: Path, *, final_part: bool) -> None:
+            super().save_checkpoint(at, src, final_part=final_part)
+            if final_part and at == step:
+                raise _Killed(f"killed after the checkpoint of step {at}")
+
+    return DiesAfter
 
 
 @pytest.mark.timeout(240)
-def test_stopped_run_resumes_to_the_same_weights(shared_data, shared_teacher, tmp_path, ray_session):
-    from stages.train import fit
+def test_killed_run_resumes_to_the_same_weights(shared_data, tmp_path):
+    from stages import train, train_teacher
 
-    out = tmp_path / "resumed"
-    first = fit("ar", teacher_cfg(), shared_data, out, PrintLog("stopped"), stop_after_steps=12)
-    assert first == {"stopped": True, "step": 12}
+    # one worker in this process; checkpoint_every changes no result (it is outside the cache key)
+    cfg = teacher_cfg().model_copy(update={"train": teacher_cfg().train.model_copy(
+        update={"num_workers": 1, "zero_stage": 0, "checkpoint_every": 6})})
+    ref_dir, out = tmp_path / "ref", tmp_path / "resumed"
+    ref = train_teacher.run(cfg, train_teacher.Inputs(data=shared_data), ref_dir, PrintLog("ref"))
+    job, _ = train_teacher.job(cfg, train_teacher.Inputs(data=shared_data), PrintLog())
+    out.mkdir()
+    with pytest.raises(_Killed):
+        train.run_local(job, _dies_after(12)(out), PrintLog("killed"))
     assert not (out / "metrics.json").exists()
-    second = fit("ar", teacher_cfg(), shared_data, out, PrintLog("resumed"))
-    assert second["resumed_from_step"] == 12 and second["steps"] == 24
+    with pytest.raises(train.TrainingIncomplete):  # a stopped run is never a result
+        train.finish(job, train.LocalWorkStore(out), out, PrintLog(), 0.0)
+    second = train_teacher.run(cfg, train_teacher.Inputs(data=shared_data), out, PrintLog("resumed"))
+    assert second["resumed_from_step"] == 12 and second["steps"] == 24 == ref["steps"]
 
-    # same data order: every logged window loss matches the uninterrupted run's
-    ref = {r["step"]: r["loss"] for r in _curves(shared_teacher)}
-    got = {r["step"]: r["loss"] for r in _curves(out)}
-    assert sorted(got) == sorted(ref)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), step
-    a = load_model(shared_teacher / "checkpoint").state_dict()
+    # same data order: every logged window loss matches the uninterrupted run's, and no point is repeated
+    want = {r["step"]: r["loss"] for r in _curves(ref_dir) if "loss" in r}
+    got = [(r["step"], r["loss"]) for r in _curves(out) if "loss" in r]
+    assert [s for s, _ in got] == sorted(want)
+    for step, loss in got:
+        assert loss == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+    a = load_model(ref_dir / "checkpoint").state_dict()
     b = load_model(out / "checkpoint").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_rng_state_round_trips_without_pickle(tmp_path):
+    from stages.train import load_rng_state, save_rng_state
+
+    torch.manual_seed(3)
+    save_rng_state(tmp_path / "rng.pt")
+    want = torch.rand(5)
+    torch.manual_seed(99)
+    load_rng_state(tmp_path / "rng.pt")  # torch.load(weights_only=True): tensors only
+    assert torch.equal(torch.rand(5), want)
 
 
 @pytest.mark.timeout(240)
 def test_nar_from_teacher_learns_with_qctc_and_counts_infeasible(shared_nar):
     out, m, log = shared_nar
     model = load_model(out / "checkpoint")
-    assert isinstance(model, NARVLModel) and model.cfg.num_queries == 3
+    assert isinstance(model, NARVLModel) and model.cfg.num_queries == 3 and model.cfg.nar_loss == "qctc"
     assert m["final_loss"] < 0.8 * m["first_loss"], m
     scan = m["feasibility"]
     assert scan["samples"] == 64 and scan["infeasible_targets"] > 0
