@@ -45,15 +45,9 @@ def _err(msg: str, code: int = 2) -> typer.Exit:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.dag import PipelineError
     from pipeline.study import StudyError
+    from stages.data.converters import ConversionError
 
-    errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError]
-    try:
-        from stages.converters import ConversionError
-
-        errors.append(ConversionError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, PipelineError, StudyError, ConversionError)
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -222,13 +216,11 @@ def data_convert(
     workers: Annotated[int | None, typer.Option()] = None,
     resume: Annotated[bool, typer.Option(help="skip splits that already have a manifest")] = True,
 ) -> None:
-    """Convert a real dataset into shards (see stages/converters.py for each format's inputs)."""
+    """Convert a real dataset into shards (see stages/data/converters/ for each format's inputs)."""
 
     def go() -> dict:
-        try:
-            from stages.converters import convert
-        except ImportError as e:
-            raise ConfigError(f"data convert is not wired yet: stages.converters is missing ({e})") from e
+        from stages.data.converters import convert
+
         args: dict[str, Any] = {
             "images": images, "karpathy": karpathy, "refs": refs, "instances": instances, "task": task,
             "captions": _pairs(captions, "--captions"), "questions": _pairs(questions, "--questions"),
@@ -344,7 +336,3 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep Y
         table.add_row(*[f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols])
     Console(soft_wrap=True).print(table)
     print(f"sweep results: {result['dir']}")
-
-
-def main() -> None:  # pragma: no cover - console entry point alternative
-    app()

@@ -25,9 +25,9 @@ def decode_part(cfg_json: dict, data_dir: str, teacher_dir: str, rank: int, worl
 
     from narvl_model.checkpoint import load_model
     from narvl_model.tokenizer import Tokenizer
+    from stages.data.shards import make_loader
+    from stages.data.tasks import all_targets, eval_target
     from stages.evaluate import decode_batch, pick_device
-    from stages.shards import make_loader
-    from stages.tasks import all_targets, eval_target
 
     cfg = DistillStage.model_validate(cfg_json)
     dc = cfg.distill
@@ -70,7 +70,7 @@ def run(cfg: DistillStage, inputs: dict[str, Path], out_dir: Path, log: StageLog
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.shards import count_samples
+    from stages.data.shards import count_samples
     from stages.train import _ensure_ray
 
     t0 = time.perf_counter()

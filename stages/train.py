@@ -198,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     from narvl_model.model import ARModel, NARVLModel
     from narvl_model.tokenizer import Tokenizer
     from stages.config import TrainNARStage, TrainStage
-    from stages.shards import make_loader
+    from stages.data.shards import make_loader
 
     kind: Kind = config["kind"]
     stage_cfg = (TrainStage if kind == "ar" else TrainNARStage).model_validate(config["stage_cfg"])

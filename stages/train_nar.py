@@ -19,13 +19,13 @@ def scan_feasibility(cfg: TrainNARStage, data_dir: Path, target_override: dict[s
     distilled target where one replaces it.
     """
     from narvl_model.tokenizer import Tokenizer
-    from stages.shards import iter_tar, parse_sample, read_manifest
-    from stages.tasks import all_targets
+    from stages.data.shards import iter_tar, parse_sample, read_split_manifest
+    from stages.data.tasks import all_targets
 
     tok = Tokenizer.load(data_dir / "tokenizer")
     n_q = cfg.train.num_queries[cfg.task]
     split = data_dir / "train"
-    manifest = read_manifest(split)
+    manifest = read_split_manifest(split)
     samples = targets = infeasible_samples = infeasible_targets = 0
     max_len = 0
     for shard in manifest["shards"]:

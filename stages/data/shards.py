@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.common import COMMON_KEYS, REQUIRED_KEYS, write_json_atomic
-from stages.tasks import eval_target, train_target
+from stages.common import write_json_atomic
+from stages.data.schema import COMMON_KEYS, REQUIRED_KEYS
+from stages.data.tasks import eval_target, train_target
 
 _log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -129,7 +130,7 @@ class ShardWriter:
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
-def read_manifest(split_dir: str | Path, verify: bool = False) -> dict:
+def read_split_manifest(split_dir: str | Path, verify: bool = False) -> dict:
     """The manifest of a split folder, after checking every shard exists (and, with verify, its sha256)."""
     d = Path(split_dir)
     path = d / MANIFEST
@@ -153,7 +154,7 @@ def read_manifest(split_dir: str | Path, verify: bool = False) -> dict:
 
 def count_samples(split_dir: str | Path) -> int:
     """Number of samples of a split, from its manifest."""
-    return int(read_manifest(split_dir)["count"])
+    return int(read_split_manifest(split_dir)["count"])
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
@@ -221,7 +222,7 @@ def iter_split_json(split_dir: str | Path, task: str) -> Iterator[dict]:
     for random access, so the reader seeks over image members (a converted dataset's train split can hold tens
     of GB of images). Schema-checked like `parse_sample`; the images are not checked here."""
     split_dir = Path(split_dir)
-    for shard in read_manifest(split_dir)["shards"]:
+    for shard in read_split_manifest(split_dir)["shards"]:
         path = split_dir / shard["name"]
         try:
             with tarfile.open(path, "r:") as tar:
@@ -396,10 +397,6 @@ class ShardLoader:
         self.dataset, self.num_workers = dataset, num_workers
         self.skipped: list[str] = []
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for another epoch (shard order, shuffle buffer and target choice depend on it)."""
-        self.dataset.epoch = epoch
-
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
             batches: Any = iter(self.dataset)
@@ -450,7 +447,7 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
         raise ValueError(f"rank={rank} outside world_size={world_size}")
     if max_source_len < 3:
         raise ValueError(f"max_source_len={max_source_len}: needs room for bos, one token and eos")
-    manifest = read_manifest(split_dir, verify=verify)
+    manifest = read_split_manifest(split_dir, verify=verify)
     if manifest["task"] not in (None, task):
         raise DataError(f"{split_dir / MANIFEST}: holds task {manifest['task']!r}, expected {task!r}")
     ds = ShardDataset(split_dir, manifest, tokenizer, task, batch_size, train=train, seed=seed, epoch=epoch,
