@@ -60,11 +60,11 @@ def main() -> None:
     from narvl_model.model import ARModel
     from narvl_model.search import greedy_search
     from narvl_model.tokenizer import Tokenizer
+    from stages.data.shards import make_loader
+    from stages.data.tasks import sample_texts
     from stages.evaluate import blind_baseline, postprocess, score
     from stages.prepare_data import iter_split_samples
     from stages.pretrain import WEIGHTS
-    from stages.shards import make_loader
-    from stages.tasks import sample_texts
     from stages.train import _lr_lambda
 
     tasks = args.tasks.split(",")
@@ -179,7 +179,7 @@ def main() -> None:
 
 def _canonical(task: str, sample: dict) -> str:
     """The answer a text-only or model prediction is compared with (exact match)."""
-    from stages.tasks import majority_answer
+    from stages.data.tasks import majority_answer
 
     return majority_answer(sample["answers"]) if task == "vqa" else sample.get("label", "")
 

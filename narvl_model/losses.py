@@ -6,6 +6,7 @@ Notation: B batch, N queries, T target tokens, V vocab (incl. the CTC blank).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,14 @@ def ctc_min_length(targets: Tensor, target_lengths: Tensor) -> Tensor:
     pos = torch.arange(1, t, device=targets.device)[None, :]  # (1, T-1): index of the right neighbour
     repeats = (targets[:, 1:] == targets[:, :-1]) & (pos < target_lengths[:, None])
     return target_lengths + repeats.sum(1)
+
+
+
+def is_ctc_feasible(tokens: Sequence[int], num_queries: int) -> bool:
+    """True when `num_queries` CTC outputs can emit the target `tokens` (N >= length + equal adjacent tokens): the
+    rule `qctc_loss` applies per sample, for one target given as a list of ids (include eos if it is trained)."""
+    row = torch.tensor([list(tokens)], dtype=torch.long)  # (1, T)
+    return bool(ctc_min_length(row, torch.tensor([row.shape[1]])).item() <= num_queries)
 
 
 def qctc_loss(logits: Tensor, targets: Tensor, target_lengths: Tensor, blank_id: int,

@@ -78,12 +78,6 @@ class Tokenizer:
         k = int(token_id) - self.first_bin_id
         return k if 0 <= k < self.num_bins else None
 
-    def is_special(self, token_id: int) -> bool:
-        """True for <s> <pad> </s> <unk>, <mask>, image codes and <blank> (what decode() drops)."""
-        t = int(token_id)
-        first_extra = len(SPECIALS) + self.num_text
-        return t < len(SPECIALS) or first_extra <= t < self.first_bin_id or t == self.blank_id
-
     # ---- text --------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Ids of `text` (lower-cased), without bos/eos. "<bin_k>" becomes one location token."""
@@ -128,23 +122,6 @@ class Tokenizer:
                 pieces.append(f"<bin_{k}>")
         flush()
         return " ".join(pieces)
-
-    def token(self, token_id: int) -> str:
-        """The string of one id (for debugging and reports)."""
-        t = int(token_id)
-        if t < len(SPECIALS):
-            return SPECIALS[t]
-        if t == self.blank_id:
-            return "<blank>"
-        if self.mask_id is not None and t == self.mask_id:
-            return "<mask>"
-        k = self.bin_index(t)
-        if k is not None:
-            return f"<bin_{k}>"
-        if self.first_code_id <= t < self.first_bin_id:
-            return f"<code_{t - self.first_code_id}>"
-        inner = self._id_to_inner[t] if 0 <= t < self.vocab_size else -1
-        return self._inner.id_to_token(int(inner)) if inner >= 0 else "<unk>"
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod

@@ -50,14 +50,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.executor import ExecutionError
     from pipeline.storage import StorageError
     from pipeline.study import StudyError
+    from stages.data.converters import ConversionError
 
-    errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError, ExecutionError, StorageError]
-    try:
-        from stages.converters import ConversionError
+    from stages.data.converters import ConversionError
 
-        errors.append(ConversionError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError, ExecutionError, StorageError,
+                                         ConversionError]
     return tuple(errors)
 
 
@@ -233,13 +231,11 @@ def data_convert(
     workers: Annotated[int | None, typer.Option()] = None,
     resume: Annotated[bool, typer.Option(help="skip splits that already have a manifest")] = True,
 ) -> None:
-    """Convert a real dataset into shards (see stages/converters.py for each format's inputs)."""
+    """Convert a real dataset into shards (see stages/data/converters/ for each format's inputs)."""
 
     def go() -> dict:
-        try:
-            from stages.converters import convert
-        except ImportError as e:
-            raise ConfigError(f"data convert is not wired yet: stages.converters is missing ({e})") from e
+        from stages.data.converters import convert
+
         args: dict[str, Any] = {
             "images": images, "karpathy": karpathy, "refs": refs, "instances": instances, "task": task,
             "captions": _pairs(captions, "--captions"), "questions": _pairs(questions, "--questions"),

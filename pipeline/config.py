@@ -23,6 +23,7 @@ from stages.config import (
     Task,
     TrainConfig,
 )
+from stages.data.shapes import SHAPES_MIN_QUERIES
 
 BACKBONE_FIELDS = ("backbone", "resnet_layers", "backbone_width")  # what narvl_model.model.build_backbone reads
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -34,11 +35,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "encoder_input": {"decoder_input": "encoder"},
 }
 Ablation = Literal[*ABLATIONS]  # type: ignore[valid-type]  # the names above, checked by pydantic
-
-# Longest target (words / tokens) the built-in benchmark produces per task, plus EOS. Q-CTC needs
-# num_queries >= target length + repeats; BPE may split a word, so the real check also runs on the
-# tokenised training split (train_nar counts and reports infeasible targets).
-SHAPES_MIN_QUERIES: dict[str, int] = {"caption": 17, "vqa": 4, "grounding": 5, "entailment": 2}
 
 
 class ModelSection(Strict):

@@ -71,8 +71,8 @@ def run(cfg: BenchmarkStage, inputs: Inputs, out_dir: Path, log: StageLog) -> di
     """
     from narvl_model.checkpoint import load_model
     from narvl_model.tokenizer import Tokenizer
+    from stages.data.shards import make_loader
     from stages.evaluate import decode_batch, pick_device
-    from stages.shards import make_loader
 
     bc = cfg.benchmark
     out_dir = Path(out_dir)

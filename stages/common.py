@@ -1,4 +1,5 @@
-"""What every stage shares: the log it reports through and the sample schema of the shards."""
+"""What every stage shares: the log it reports through and atomic JSON writes (the sample schema of the shards
+is `stages/data/schema.py`)."""
 
 from __future__ import annotations
 
@@ -45,36 +46,6 @@ class PrintLog:
             if key in values:
                 return values[key]
         return None
-
-
-# ---- sample schema (one `.json` beside one image in a WebDataset sample) -----------------------------------
-# Common keys: id (str, unique), task, image_size [w, h], prompt (the encoder text).
-# caption:    references: list[str] (>= 1; training picks one per epoch, evaluation uses all)
-# vqa:        question: str, answers: list[str] (10 annotator answers, VQA v2 form)
-# grounding:  expression: str, box: [x0, y0, x1, y1] pixels of this image
-# entailment: premise: str, hypothesis: str, label: "yes" | "maybe" | "no"
-# meta:       optional dict (the built-in benchmark stores its object list and question type there)
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "caption": ("references",),
-    "vqa": ("question", "answers"),
-    "grounding": ("expression", "box"),
-    "entailment": ("premise", "hypothesis", "label"),
-}
-COMMON_KEYS = ("id", "task", "image_size", "prompt")
-ENTAILMENT_LABELS = ("yes", "maybe", "no")
-
-
-def task_prompt(task: str, sample: dict) -> str:
-    """The encoder text, worded as OFA's task prompts."""
-    if task == "caption":
-        return " what does the image describe?"
-    if task == "vqa":
-        return sample["question"]
-    if task == "grounding":
-        return f' which region does the text " {sample["expression"]} " describe?'
-    if task == "entailment":
-        return f' can image and text1 " {sample["premise"]} " imply text2 " {sample["hypothesis"]} "?'
-    raise ValueError(f"unknown task {task!r}")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -34,9 +34,9 @@ def decode_part(cfg: DistillStage, inputs: Inputs, rank: int, world_size: int, d
 
     from narvl_model.checkpoint import load_model
     from narvl_model.tokenizer import Tokenizer
+    from stages.data.shards import make_loader
+    from stages.data.tasks import all_targets, eval_target
     from stages.evaluate import decode_batch, pick_device
-    from stages.shards import make_loader
-    from stages.tasks import all_targets, eval_target
 
     dc = cfg.distill
     tok = Tokenizer.load(Path(inputs.data) / "tokenizer")
@@ -72,7 +72,7 @@ def run(cfg: DistillStage, inputs: Inputs, out_dir: Path, log: StageLog,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.shards import count_samples
+    from stages.data.shards import count_samples
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

@@ -99,7 +99,7 @@ def score(task: str, preds: dict[str, Any], samples: dict[str, dict], log: Stage
         objects = {k: {tuple(o[:3]) for o in s["meta"]["objects"]} for k, s in samples.items()
                    if isinstance(s.get("meta"), dict) and "objects" in s["meta"]}
         if len(objects) == len(samples):
-            from stages.shapes import parse_caption
+            from stages.data.shapes import parse_caption
 
             sem = M.caption_semantics(preds, objects, parse_caption)
             out.update({f"semantic_{k}": v for k, v in sem.items() if k != "n"})
@@ -126,8 +126,8 @@ def score(task: str, preds: dict[str, Any], samples: dict[str, dict], log: Stage
 def narvl_diagnostics(task: str, outputs: dict[str, list[int]], samples: dict[str, dict], tokenizer,
                       num_queries: int) -> dict[str, float]:
     """Infeasible eval targets, collapsed output length vs reference length, repeated tokens in outputs."""
-    from stages.tasks import all_targets, eval_target
-    from stages.train import is_ctc_infeasible
+    from narvl_model.losses import is_ctc_feasible
+    from stages.data.tasks import all_targets, eval_target
 
     n = len(outputs)
     infeasible_eval = infeasible_any = 0
@@ -135,8 +135,8 @@ def narvl_diagnostics(task: str, outputs: dict[str, list[int]], samples: dict[st
     for k, ids in outputs.items():
         s = samples[k]
         ref = tokenizer.encode(eval_target(s, tokenizer.num_bins))
-        infeasible_eval += is_ctc_infeasible(ref + [tokenizer.eos_id], num_queries)
-        infeasible_any += any(is_ctc_infeasible(tokenizer.encode(t) + [tokenizer.eos_id], num_queries)
+        infeasible_eval += not is_ctc_feasible(ref + [tokenizer.eos_id], num_queries)
+        infeasible_any += any(not is_ctc_feasible(tokenizer.encode(t) + [tokenizer.eos_id], num_queries)
                               for t in all_targets(s, tokenizer.num_bins))
         ref_len += len(ref)
         out_len += len(ids)
@@ -157,8 +157,8 @@ def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> dict
     """
     from collections import Counter, defaultdict
 
-    from stages.shards import iter_split_json
-    from stages.tasks import majority_answer
+    from stages.data.shards import iter_split_json
+    from stages.data.tasks import majority_answer
 
     if task == "vqa":
         key, answer = (lambda s: s["question"]), (lambda s: majority_answer(s["answers"]))
@@ -194,7 +194,7 @@ def run(cfg: EvaluateStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dic
 
     from narvl_model.checkpoint import load_model
     from narvl_model.tokenizer import Tokenizer
-    from stages.shards import make_loader
+    from stages.data.shards import make_loader
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

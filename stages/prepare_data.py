@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from narvl_model.tokenizer import Tokenizer
-from stages import shapes
 from stages.common import StageLog
 from stages.config import DataConfig, PrepareDataStage
-from stages.shards import DataError, ShardWriter, iter_tar, parse_sample, read_manifest
-from stages.tasks import all_targets, sample_texts
+from stages.data import shapes
+from stages.data.shards import DataError, ShardWriter, iter_tar, parse_sample, read_split_manifest
+from stages.data.tasks import all_targets, sample_texts
 
 VERSION = 2
 
@@ -43,7 +43,7 @@ def write_shapes_split(task: str, split: str, n: int, data: DataConfig, split_di
 
 def iter_split_samples(split_dir: Path, task: str):
     """The JSON of every sample of a split folder, in manifest order."""
-    manifest = read_manifest(split_dir)
+    manifest = read_split_manifest(split_dir)
     for shard in manifest["shards"]:
         path = split_dir / shard["name"]
         for key, parts in iter_tar(path):
@@ -92,7 +92,7 @@ def run(cfg: PrepareDataStage, inputs: Inputs, out_dir: Path, log: StageLog) -> 
                 # real datasets often come as train/val only (COCO 2017): evaluate with evaluate.split=val
                 log.info(f"prepare_data {task}: {src / split} absent; no test split (set evaluate.split=val)")
                 continue
-            manifest = read_manifest(src / split, verify=True)
+            manifest = read_split_manifest(src / split, verify=True)
             if manifest["task"] not in (None, task):
                 raise DataError(f"{src / split}/manifest.json holds task {manifest['task']!r}, expected {task!r}")
             dst = out_dir / split

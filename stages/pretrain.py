@@ -41,7 +41,7 @@ _HEADS = ("shape", "colour", "size")
 
 
 def _vocab() -> dict[str, tuple[str, ...]]:
-    from stages.shapes import COLOURS, SHAPES, SIZES
+    from stages.data.shapes import COLOURS, SHAPES, SIZES
 
     return {"shape": SHAPES, "colour": COLOURS, "size": SIZES}
 
@@ -108,13 +108,13 @@ def run(cfg: PretrainStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dic
 
     from narvl_model.model import build_backbone
     from narvl_model.tokenizer import Tokenizer
-    from stages.shards import make_loader, read_manifest
+    from stages.data.shards import make_loader, read_split_manifest
     from stages.train import _lr_lambda
 
     t0 = time.perf_counter()
     pc, data_dir, out_dir = cfg.pretrain, Path(inputs.data), Path(out_dir)
     tokenizer = Tokenizer.load(data_dir / "tokenizer")
-    task = read_manifest(data_dir / "train")["task"]  # any task's shards: only images and objects are read
+    task = read_split_manifest(data_dir / "train")["task"]  # any task's shards: only images and objects are read
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model
     backbone = build_backbone(model_cfg)  # the teacher's encoder builds the same module and loads these weights

@@ -37,7 +37,7 @@ import torch
 
 from stages.common import StageLog, write_json_atomic
 
-Kind = Literal["ar", "nar"]
+Kind = Literal["ar", "narvl"]
 STATE_FILE = "train_state.json"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "checkpoint"
@@ -163,23 +163,13 @@ def load_target_override(path: Path | None) -> dict[str, str] | None:
     return dict(zip(table["id"], table["target"], strict=True))
 
 
-def qctc_extra_slots(tokens: list[int]) -> int:
-    """Number of equal adjacent tokens: CTC needs a blank between each such pair."""
-    return sum(1 for a, b in zip(tokens, tokens[1:], strict=False) if a == b)
-
-
-def is_ctc_infeasible(tokens: list[int], num_queries: int) -> bool:
-    """True when `num_queries` outputs cannot emit `tokens` under CTC (N < length + repeats)."""
-    return num_queries < len(tokens) + qctc_extra_slots(tokens)
-
-
 def build_model_config(kind: Kind, stage_cfg, tokenizer):
     """The stage's ModelConfig with the tokenizer's ids (and, for NARVL, the task's query count)."""
     from narvl_model.config import ModelConfig
 
     update: dict[str, Any] = dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, blank_id=tokenizer.blank_id)
-    if kind == "nar":
+    if kind == "narvl":
         update.update(num_queries=stage_cfg.train.num_queries[stage_cfg.task],
                       decoder_input=stage_cfg.train.decoder_input, nar_loss=stage_cfg.train.loss)
     return ModelConfig(**{**stage_cfg.model.model_dump(), **update})
@@ -187,7 +177,7 @@ def build_model_config(kind: Kind, stage_cfg, tokenizer):
 
 def label_smoothing_for(kind: Kind, stage_cfg) -> float:
     """The task's label smoothing (NARVL: per-task override, e.g. 0 for entailment)."""
-    if kind == "nar":
+    if kind == "narvl":
         return stage_cfg.train.label_smoothing_by_task.get(stage_cfg.task, stage_cfg.train.label_smoothing)
     return stage_cfg.train.label_smoothing
 
@@ -324,7 +314,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     import deepspeed
 
     from narvl_model.tokenizer import Tokenizer
-    from stages.shards import make_loader
+    from stages.data.shards import make_loader
 
     kind = job.kind
     stage_cfg = stage_config(job)
@@ -362,7 +352,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
 
     override = load_target_override(Path(job.inputs.distill) / "distilled.parquet") if job.inputs.distill else None
     smoothing = label_smoothing_for(kind, stage_cfg)
-    loss_name = model_cfg.nar_loss if kind == "nar" else "ce"
+    loss_name = model_cfg.nar_loss if kind == "narvl" else "ce"
     max_tgt = model_cfg.max_target_positions if kind == "ar" else None
     common = dict(shuffle_buffer=tc.shuffle_buffer, num_workers=tc.loader_workers, rank=rank, world_size=world,
                   on_bad_sample=stage_cfg.on_bad_sample, image_size=model_cfg.image_size,
@@ -457,7 +447,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
                 state["n_infeasible"] += int(infeasible)
                 metrics.update(loss=loss_sum / max(micro, 1), lr=scheduler.get_last_lr()[0],
                                samples_per_s=samples / dt, tokens_per_s=tokens / dt, epoch=epoch)
-                if kind == "nar":
+                if kind == "narvl":
                     metrics["n_infeasible"] = infeasible
                 window = dict.fromkeys(window, 0)
                 t_window = time.perf_counter()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from stages.common import StageLog
 from stages.config import TrainNARStage
-from stages.train import TrainInputs, TrainJob, is_ctc_infeasible, load_target_override, train
+from narvl_model.losses import is_ctc_feasible
+from stages.train import TrainInputs, TrainJob, load_target_override, train
 
 VERSION = 2
 DISTILLED = "distilled.parquet"
@@ -28,13 +29,13 @@ def scan_feasibility(cfg: TrainNARStage, data_dir: Path, target_override: dict[s
     distilled target where one replaces it.
     """
     from narvl_model.tokenizer import Tokenizer
-    from stages.shards import iter_tar, parse_sample, read_manifest
-    from stages.tasks import all_targets
+    from stages.data.shards import iter_tar, parse_sample, read_split_manifest
+    from stages.data.tasks import all_targets
 
     tok = Tokenizer.load(data_dir / "tokenizer")
     n_q = cfg.train.num_queries[cfg.task]
     split = data_dir / "train"
-    manifest = read_manifest(split)
+    manifest = read_split_manifest(split)
     samples = targets = infeasible_samples = infeasible_targets = 0
     max_len = 0
     for shard in manifest["shards"]:
@@ -47,7 +48,7 @@ def scan_feasibility(cfg: TrainNARStage, data_dir: Path, target_override: dict[s
             for text in texts:
                 ids = tok.encode(text) + [tok.eos_id]
                 max_len = max(max_len, len(ids))
-                bad += is_ctc_infeasible(ids, n_q)
+                bad += not is_ctc_feasible(ids, n_q)
             samples += 1
             targets += len(texts)
             infeasible_targets += bad
@@ -70,7 +71,7 @@ def job(cfg: TrainNARStage, inputs: Inputs, log: StageLog) -> tuple[TrainJob, di
                  f"gradient. Raise train_nar.num_queries.{cfg.task}.")
     else:
         log.info(f"Q-CTC feasibility: all {scan['targets']} targets fit {scan['num_queries']} queries")
-    the_job = TrainJob("nar", cfg.model_dump(mode="json"),
+    the_job = TrainJob("narvl", cfg.model_dump(mode="json"),
                        TrainInputs(data=inputs.data, teacher=inputs.teacher, distill=distill))
     return the_job, {"feasibility": scan, "kd": cfg.train.kd, "loss": cfg.train.loss}
 

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from stages.common import REQUIRED_KEYS
-from stages.converters import ConversionError, convert, convert_coco_caption, convert_refcoco, load_refs_pickle
+from stages.data.converters import ConversionError, convert
+from stages.data.converters.coco_caption import convert_coco_caption
+from stages.data.converters.refcoco import convert_refcoco, load_refs_pickle
+from stages.data.schema import REQUIRED_KEYS
 
 pytestmark = pytest.mark.realdata
 REPO = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ def test_evaluate_writes_the_contract(kind, shared_data, shared_teacher, shared_
 
 def test_perfect_predictions_score_100_on_the_paper_scale():
     from narvl_model.tokenizer import Tokenizer
-    from stages.tasks import box_text
+    from stages.data.tasks import box_text
 
     tok = Tokenizer.train(["a b c yes no maybe"], vocab_size=64, num_bins=16)
     box_sample = {"id": "g", "task": "grounding", "image_size": [32, 32], "box": [4.0, 6.0, 20.0, 30.0]}
@@ -49,8 +49,8 @@ def test_perfect_predictions_score_100_on_the_paper_scale():
 
 
 def test_blind_baseline_answers_each_text_with_its_most_frequent_training_answer(tmp_path):
-    from stages.shapes import make_sample
-    from stages.shards import ShardWriter
+    from stages.data.shapes import make_sample
+    from stages.data.shards import ShardWriter
 
     writer = ShardWriter(tmp_path / "train", "train", 4)
     for i, (hypothesis, label) in enumerate([("h1", "no"), ("h1", "no"), ("h1", "yes"), ("h2", "maybe"),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from narvl_model.decoding import ctc_collapse
-from narvl_model.losses import ar_ce_loss, ctc_min_length, nar_ce_loss, qctc_loss
+from narvl_model.losses import ar_ce_loss, ctc_min_length, is_ctc_feasible, nar_ce_loss, qctc_loss
 
 BLANK = 0
 
@@ -118,3 +118,18 @@ def test_ar_ce_ignores_pad_and_weights():
     tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=1, reduction="none")
     w = torch.tensor([2.0, 0.5])
     torch.testing.assert_close(ar_ce_loss(logits, target, 1, weights=w), (tok * w[:, None]).sum() / 5)
+
+
+def test_is_ctc_feasible_iff_torch_ctc_loss_is_finite():
+    """The one-target feasibility rule agrees with torch's CTC: a finite loss exactly when N outputs can emit it."""
+    gen = torch.Generator().manual_seed(0)
+    blank, vocab = 0, 4
+    for _ in range(60):
+        t = int(torch.randint(1, 6, (1,), generator=gen))
+        tokens = torch.randint(1, vocab, (t,), generator=gen).tolist()  # 3 symbols: repeats are common
+        for n in range(1, 10):
+            log_probs = torch.randn(n, 1, vocab, generator=gen).log_softmax(-1)
+            loss = F.ctc_loss(log_probs, torch.tensor([tokens]), torch.tensor([n]), torch.tensor([t]), blank=blank,
+                              reduction="none", zero_infinity=False)
+            assert is_ctc_feasible(tokens, n) == bool(torch.isfinite(loss).item()), (tokens, n)
+    assert is_ctc_feasible([5, 6, 2], 3) and not is_ctc_feasible([5, 5, 2], 3) and is_ctc_feasible([5, 5, 2], 4)

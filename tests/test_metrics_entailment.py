@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from stages.metrics.entailment import entailment_metrics, snli_ve_label
+from stages.data.schema import snli_ve_label
+from stages.metrics.entailment import entailment_metrics
 
 
 def test_label_mapping():

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from stages.metrics.grounding import box_iou, grounding_metrics, xywh_to_xyxy
+from stages.data.schema import xywh_to_xyxy
+from stages.metrics.grounding import box_iou, grounding_metrics
 
 
 def test_box_iou_by_hand():

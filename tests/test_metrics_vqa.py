@@ -11,7 +11,6 @@ from stages.metrics.vqa import (
     normalize_answer,
     process_punctuation,
     vqa_accuracy,
-    vqa_confidence,
     vqa_score,
 )
 
@@ -44,11 +43,6 @@ def test_normalise_only_when_answers_disagree():
     disagree = ["2"] * 9 + ["3"]
     assert vqa_score("two", disagree) == vqa_score("2", disagree) == 1.0
     assert vqa_score("Three.", disagree) == pytest.approx(0.3)
-
-
-def test_confidence_weights():
-    weights = vqa_confidence(["net"] * 7 + ["netting", "mesh", "mesh"])
-    assert weights == pytest.approx({"net": 1.0, "netting": 1 / 3, "mesh": 2 / 3})
 
 
 @pytest.mark.realdata

@@ -10,7 +10,7 @@ from narvl_model.tokenizer import Tokenizer
 from stages import prepare_data
 from stages.common import PrintLog
 from stages.config import DataConfig, PrepareDataStage
-from stages.shards import DataError, make_loader, read_manifest
+from stages.data.shards import DataError, make_loader, read_split_manifest
 
 TINY = dict(image_size=32, train_per_task=24, val_per_task=6, test_per_task=6, samples_per_shard=10,
             bpe_vocab_size=300, num_bins=16)
@@ -23,7 +23,7 @@ def test_shapes_source(tmp_path):
     report = prepare_data.run(cfg, prepare_data.Inputs(), tmp_path, log)
     assert {s: v["count"] for s, v in report["splits"].items()} == {"train": 24, "val": 6, "test": 6}
     for split in ("train", "val", "test"):
-        m = read_manifest(tmp_path / split, verify=True)
+        m = read_split_manifest(tmp_path / split, verify=True)
         assert m["task"] == "grounding" and m["dataset"]["name"] == "shapes" and m["dataset"]["seed"] == 0
     assert report["splits"]["train"]["max_target_tokens"] == 4  # four location tokens
     tok = Tokenizer.load(tmp_path / "tokenizer")
@@ -42,7 +42,7 @@ def test_shards_source_via_synth_all(tmp_path):
     report = prepare_data.run(cfg, prepare_data.Inputs(), tmp_path / "out", PrintLog())
     assert report["splits"]["train"]["count"] == 24 and report["splits"]["train"]["max_target_tokens"] >= 1
     assert report["splits"]["train"]["dataset"]["name"] == "shapes"
-    read_manifest(tmp_path / "out" / "train", verify=True)
+    read_split_manifest(tmp_path / "out" / "train", verify=True)
     # a corrupted source shard is refused with the file's name
     shard = tmp_path / "synth" / "caption" / "val" / "val-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata, pytest.mark.timeout(1200)]
 def test_real_smoke_pipeline(ray_session, realdata, tmp_path, monkeypatch):
     from pipeline.config import CONFIG_DIR, load_config
     from pipeline.dag import run_pipeline
-    from stages.converters import convert
+    from stages.data.converters import convert
 
     coco = realdata / "coco"
     out = tmp_path / "real_coco"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import shapes
-from stages.common import COMMON_KEYS, REQUIRED_KEYS, task_prompt
-from stages.shapes import COLOURS, SHAPES, Obj, generate, parse_caption, referring_expressions
-from stages.tasks import majority_answer
+from stages.data import shapes
+from stages.data.schema import COMMON_KEYS, REQUIRED_KEYS, task_prompt
+from stages.data.shapes import COLOURS, SHAPES, Obj, generate, parse_caption, referring_expressions
+from stages.data.tasks import majority_answer
 
 N = 60
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from narvl_model.decoding import bins_to_box
 from narvl_model.tokenizer import Tokenizer
-from stages.shapes import generate
-from stages.shards import DataError, ShardWriter, count_samples, make_loader, read_manifest, sha256_file
-from stages.tasks import bins_to_box, box_to_bins, eval_target, sample_texts, train_target, vqa_confidence
+from stages.data.shapes import generate
+from stages.data.shards import DataError, ShardWriter, count_samples, make_loader, read_split_manifest, sha256_file
+from stages.data.tasks import box_to_bins, eval_target, sample_texts, train_target, vqa_confidence
 
 N = 30
 
@@ -43,7 +44,7 @@ def caption_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_manifest_and_deterministic_bytes(tmp_path, caption_dirs):
-    m = read_manifest(caption_dirs["many"], verify=True)
+    m = read_split_manifest(caption_dirs["many"], verify=True)
     assert m["count"] == N == count_samples(caption_dirs["many"]) and m["task"] == "caption"
     assert [s["count"] for s in m["shards"]] == [4] * 7 + [2]
     assert m["dataset"] == {"name": "shapes", "version": 1, "seed": 0}
@@ -103,7 +104,7 @@ def test_vqa_and_grounding_targets(tmp_path, tok):
     batch = next(iter(make_loader(tmp_path / "vqa", tok, "vqa", 12, train=True, seed=3)))
     for w, sample, row, n in zip(batch.weights, batch.samples, batch.target, batch.target_lengths, strict=True):
         answer = tok.decode(row[: n - 1].tolist())
-        assert answer in sample["answers"] and float(w) == pytest.approx(vqa_confidence(sample["answers"], answer))
+        assert answer in sample["answers"] and float(w) == pytest.approx(vqa_confidence(sample["answers"])[answer])
     _write(tmp_path / "gr", "grounding", 6, per_shard=6)
     batch = next(iter(make_loader(tmp_path / "gr", tok, "grounding", 6)))
     assert (batch.target_lengths == 5).all()
@@ -112,11 +113,16 @@ def test_vqa_and_grounding_targets(tmp_path, tok):
         assert bins == box_to_bins(sample["box"], sample["image_size"], 16)
 
 
+def test_vqa_confidence_weights():
+    weights = vqa_confidence(["net"] * 7 + ["netting", "mesh", "mesh"])
+    assert weights == pytest.approx({"net": 1.0, "netting": 1 / 3, "mesh": 2 / 3})
+
+
 def test_box_bins_round_trip():
     box, size = [3.0, 10.0, 31.0, 20.0], [32, 40]
     bins = box_to_bins(box, size, 64)
     assert bins == [round(3 / 32 * 63), round(10 / 40 * 63), round(31 / 32 * 63), round(20 / 40 * 63)]
-    back = bins_to_box(bins, size, 64)
+    back = bins_to_box(bins, 0, 64, *size)  # raw bin indices: bin ids start at 0
     assert all(abs(a - b) <= max(size) / 63 / 2 + 1e-9 for a, b in zip(back, box, strict=True))
     assert box_to_bins([0, 0, 32, 40], size, 64) == [0, 0, 63, 63]
     sample = {"task": "vqa", "answers": ["2"] * 7 + ["two"] * 3}
@@ -151,14 +157,14 @@ def _good(k: int) -> list[tuple[str, bytes]]:
 def test_missing_shard_and_sha_mismatch(tmp_path, tok):
     d = _raw_split(tmp_path / "a", _good(0) + _good(1))
     (d / "train-000000.tar").write_bytes((d / "train-000000.tar").read_bytes()[:-1] + b"x")
-    read_manifest(d)  # presence only
+    read_split_manifest(d)  # presence only
     with pytest.raises(DataError, match="train-000000.tar: sha256"):
         make_loader(d, tok, "caption", 2, verify=True)
     (d / "train-000000.tar").unlink()
     with pytest.raises(DataError, match="train-000000.tar listed in .* is missing"):
-        read_manifest(d)
+        read_split_manifest(d)
     with pytest.raises(DataError, match="manifest.json not found"):
-        read_manifest(tmp_path / "nowhere")
+        read_split_manifest(tmp_path / "nowhere")
     with pytest.raises(DataError, match="holds task 'caption', expected 'vqa'"):
         make_loader(_raw_split(tmp_path / "b", _good(0)), tok, "vqa", 2)
 
@@ -206,8 +212,8 @@ def test_writer_rejects_bad_samples(tmp_path):
 
 
 def test_iter_split_json_reads_every_sample_json_but_no_image(tmp_path, caption_dirs):
+    from stages.data.shards import iter_split_json
     from stages.prepare_data import iter_split_samples
-    from stages.shards import iter_split_json
 
     assert list(iter_split_json(caption_dirs["many"], "caption")) == list(iter_split_samples(caption_dirs["many"],
                                                                                                 "caption"))

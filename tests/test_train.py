@@ -174,11 +174,3 @@ def test_lr_schedule_warms_up_then_decays_linearly():
 
     f = _lr_lambda(100, 0.1)
     assert [round(f(s), 3) for s in (0, 4, 9, 10, 55, 100)] == [0.1, 0.5, 1.0, 1.0, 0.5, 0.0]
-
-
-def test_ctc_feasibility_counts_repeats():
-    from stages.train import is_ctc_infeasible
-
-    assert not is_ctc_infeasible([5, 6, 2], 3)
-    assert is_ctc_infeasible([5, 5, 2], 3)  # needs a blank between the two 5s
-    assert not is_ctc_infeasible([5, 5, 2], 4)

@@ -2,9 +2,9 @@
 
 from stages.metrics.caption import CaptionEval, caption_evaluation, caption_metrics, strip_hypothesis_punctuation
 from stages.metrics.entailment import entailment_metrics, snli_ve_label
-from stages.metrics.grounding import box_iou, grounding_metrics, xywh_to_xyxy
+from stages.metrics.grounding import box_iou, grounding_metrics
 from stages.metrics.semantics import caption_semantics
-from stages.metrics.vqa import load_vqa_official, normalize_answer, vqa_accuracy, vqa_confidence, vqa_score
+from stages.metrics.vqa import load_vqa_official, normalize_answer, vqa_accuracy, vqa_score
 
 __all__ = [
     "CaptionEval",
@@ -19,7 +19,5 @@ __all__ = [
     "snli_ve_label",
     "strip_hypothesis_punctuation",
     "vqa_accuracy",
-    "vqa_confidence",
     "vqa_score",
-    "xywh_to_xyxy",
 ]

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-LABELS = ("yes", "maybe", "no")
-SNLI_TO_LABEL = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
-
-
-def snli_ve_label(label: str) -> str:
-    """SNLI-VE gold label (entailment / neutral / contradiction) -> the answer word OFA trains on."""
-    key = label.strip().lower()
-    if key in SNLI_TO_LABEL:
-        return SNLI_TO_LABEL[key]
-    if key in LABELS:
-        return key
-    raise ValueError(f"unknown SNLI-VE label {label!r}; expected one of {sorted(SNLI_TO_LABEL)} or {LABELS}")
+from stages.data.schema import ENTAILMENT_LABELS as LABELS
+from stages.data.schema import snli_ve_label
 
 
 def entailment_metrics(

@@ -1,6 +1,7 @@
 """Visual grounding metrics (RefCOCO/+/g): Acc@0.5 and mean IoU of predicted boxes against the gold boxes.
 
-Boxes are (x0, y0, x1, y1) in pixels of the same image (COCO annotations are xywh: convert with `xywh_to_xyxy`).
+Boxes are (x0, y0, x1, y1) in pixels of the same image (COCO annotations are xywh: convert with
+`stages.data.schema.xywh_to_xyxy`).
 A missing or None prediction (e.g. a decoded sequence without four location tokens) is a miss with IoU 0.
 """
 
@@ -10,12 +11,6 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 
 Box = Sequence[float]
-
-
-def xywh_to_xyxy(box: Box) -> tuple[float, float, float, float]:
-    """COCO (x, y, width, height) -> (x0, y0, x1, y1)."""
-    x, y, w, h = box
-    return (float(x), float(y), float(x) + float(w), float(y) + float(h))
 
 
 def box_area(box: Box) -> float:

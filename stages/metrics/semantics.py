@@ -1,6 +1,6 @@
 """Caption semantics on the synthetic shapes benchmark: do the objects a caption names match the image's objects?
 
-The caption parser comes from the benchmark (`stages.shapes.parse_caption`); this module only compares the parsed
+The caption parser comes from the benchmark (`stages.data.shapes.parse_caption`); this module only compares the parsed
 objects with the true ones, as multisets (so two red circles must be named twice).
 """
 

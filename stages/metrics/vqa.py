@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -151,11 +150,6 @@ def vqa_accuracy(
                 by_type.setdefault(answer_types[q], []).append(s)
         result["per_type"] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
     return result
-
-
-def vqa_confidence(answers: Sequence[str]) -> dict[str, float]:
-    """Training weight of each distinct human answer: min(count / 3, 1) (the answers are taken verbatim)."""
-    return {a: min(c / 3.0, 1.0) for a, c in Counter(answers).items()}
 
 
 def load_vqa_official(questions_file: str | Path, annotations_file: str | Path) -> dict[int, dict]:

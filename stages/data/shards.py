@@ -1,7 +1,11 @@
 """WebDataset shards: writing with a manifest, and reading into padded, tokenised batches.
 
-A shard is a plain tar of `<key>.json` + `<key>.png|jpg` pairs (readable by `webdataset`); a split folder holds
-`{split}-000000.tar ...` and `manifest.json` (written last; sha256 and count of every shard). The reader splits the
+A shard is a plain tar of `<key>.json` + `<key>.png|jpg` pairs in WebDataset's conventions (tests/test_shards.py reads
+ours with `webdataset.WebDataset` and reads `webdataset.TarWriter`'s with ours): a sample is the adjacent members that
+share a key, the key is the member path up to the first dot of its file name, the rest is the extension (compared
+lower-cased), `__...__` members are metadata and skipped, and gzip/bz2/xz tars are read transparently. A split
+folder holds `{split}-000000.tar ...` and `manifest.json` (written last; sha256 and count of every shard);
+`index_shards` writes the manifest for shards written by other tools. The reader splits the
 shards by (rank, DataLoader worker); with fewer shards than readers every reader scans all shards and keeps the
 samples whose running index modulo the reader count is its own, so every sample is read exactly once either way.
 """
@@ -24,14 +28,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.common import COMMON_KEYS, REQUIRED_KEYS, write_json_atomic
-from stages.tasks import eval_target, train_target
+from stages.common import write_json_atomic
+from stages.data.schema import COMMON_KEYS, REQUIRED_KEYS
+from stages.data.tasks import eval_target, train_target
 
 _log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 IMAGE_EXTS = ("png", "jpg", "jpeg")
 _KEY_OK = re.compile(r"[^A-Za-z0-9_-]")
+_WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # webdataset.tariterators.tar_file_iterator's skip_meta
 
 
 class DataError(ValueError):
@@ -129,7 +136,7 @@ class ShardWriter:
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
-def read_manifest(split_dir: str | Path, verify: bool = False) -> dict:
+def read_split_manifest(split_dir: str | Path, verify: bool = False) -> dict:
     """The manifest of a split folder, after checking every shard exists (and, with verify, its sha256)."""
     d = Path(split_dir)
     path = d / MANIFEST
@@ -151,9 +158,49 @@ def read_manifest(split_dir: str | Path, verify: bool = False) -> dict:
     return manifest
 
 
+def index_shards(split_dir: str | Path, split: str, dataset_info: dict, shards: list[str] | None = None) -> dict:
+    """Write manifest.json for shards another tool wrote (e.g. `webdataset.TarWriter`), so `make_loader` reads them.
+
+    Args:
+        split_dir: the folder holding the shards.
+        split: the split's name.
+        dataset_info: name / version / seed and anything else to record (as `ShardWriter.close` takes).
+        shards: shard file names in reading order (default: every `*.tar*` of the folder, sorted).
+
+    Every sample is read and schema-checked (`parse_sample`); all must hold one task. Returns the manifest.
+    """
+    d = Path(split_dir)
+    names = shards if shards is not None else sorted(p.name for p in d.glob("*.tar*") if p.is_file())
+    if not names:
+        raise DataError(f"{d}: no shards (*.tar*) to index")
+    task: str | None = None
+    entries = []
+    for name in names:
+        path, count = d / name, 0
+        for key, parts in iter_tar(path):
+            if task is None:  # the first sample names the split's task
+                try:
+                    task = json.loads(parts["json"])["task"]
+                except (KeyError, TypeError, ValueError):
+                    task = None
+                if task not in REQUIRED_KEYS:
+                    raise DataError(f"{path}: sample {key!r}: no .json with a known task (one of "
+                                    f"{sorted(REQUIRED_KEYS)}; got {task!r})")
+            parse_sample(path, key, parts, task)  # the schema, and one task for the split
+            count += 1
+        entries.append({"name": name, "sha256": sha256_file(path), "count": count})
+    manifest = {
+        "format_version": FORMAT_VERSION, "split": split, "task": task, "count": sum(e["count"] for e in entries),
+        "shards": entries, "dataset": {"name": dataset_info.get("name"), "version": dataset_info.get("version"),
+                                       "seed": dataset_info.get("seed"), **dataset_info},
+    }
+    write_json_atomic(d / MANIFEST, manifest)
+    return manifest
+
+
 def count_samples(split_dir: str | Path) -> int:
     """Number of samples of a split, from its manifest."""
-    return int(read_manifest(split_dir)["count"])
+    return int(read_split_manifest(split_dir)["count"])
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
@@ -165,23 +212,35 @@ def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> 
     return data
 
 
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member name as WebDataset groups it: the key is the path up to the first
+    dot of the file name, the extension the rest, lower-cased; None for metadata (`__...__`) and dot-less names."""
+    if _WDS_META.match(name):
+        return None
+    m = _WDS_NAME.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
 def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a tar; a sample's members are adjacent, key = name up to the first dot."""
+    """(key, {ext: bytes}) per sample of a tar (any compression), grouped as WebDataset groups them: adjacent
+    members with the same `member_key`. DataError when the tar is unreadable or a sample repeats an extension."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|") as tar:
+        with tarfile.open(path, "r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                split = member_key(member.name) if member.isfile() else None
+                if split is None:
                     continue
-                name = member.name.rsplit("/", 1)[-1]
-                k, _, ext = name.partition(".")
+                k, ext = split
                 data = _member_bytes(tar, member, path)
                 if k != key and key is not None:
                     yield key, parts
                     parts = {}
+                if ext in parts:
+                    raise DataError(f"{path}: sample {k!r} has two {ext!r} members (member {member.name})")
                 key = k
-                parts[ext.lower()] = data
+                parts[ext] = data
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: unreadable tar after sample {key!r} ({type(e).__name__}: {e})") from e
     if key is not None:
@@ -207,12 +266,12 @@ def parse_sample_json(where: str, data: bytes, task: str) -> dict:
         raise DataError(f"{where}: .json is not valid JSON ({e})") from e
     if not isinstance(sample, dict):
         raise DataError(f"{where}: .json holds {type(sample).__name__}, expected an object")
+    if "task" in sample and sample["task"] != task:  # before the keys: another task's sample lacks this one's
+        raise DataError(f"{where}: task {sample['task']!r}, expected {task!r}")
     need = COMMON_KEYS + REQUIRED_KEYS[task]
     missing = [k for k in need if k not in sample]
     if missing:
         raise DataError(f"{where}: JSON lacks {missing} (a {task} sample needs {list(need)})")
-    if sample["task"] != task:
-        raise DataError(f"{where}: task {sample['task']!r}, expected {task!r}")
     return sample
 
 
@@ -221,16 +280,15 @@ def iter_split_json(split_dir: str | Path, task: str) -> Iterator[dict]:
     for random access, so the reader seeks over image members (a converted dataset's train split can hold tens
     of GB of images). Schema-checked like `parse_sample`; the images are not checked here."""
     split_dir = Path(split_dir)
-    for shard in read_manifest(split_dir)["shards"]:
+    for shard in read_split_manifest(split_dir)["shards"]:
         path = split_dir / shard["name"]
         try:
-            with tarfile.open(path, "r:") as tar:
+            with tarfile.open(path, "r:*") as tar:
                 for member in tar:
-                    name = member.name.rsplit("/", 1)[-1]
-                    if not member.isfile() or not name.lower().endswith(".json"):
+                    split = member_key(member.name) if member.isfile() else None
+                    if split is None or split[1] != "json":
                         continue
-                    yield parse_sample_json(f"{path}: sample {name.partition('.')[0]!r}",
-                                            _member_bytes(tar, member, path), task)
+                    yield parse_sample_json(f"{path}: sample {split[0]!r}", _member_bytes(tar, member, path), task)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DataError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from e
 
@@ -396,10 +454,6 @@ class ShardLoader:
         self.dataset, self.num_workers = dataset, num_workers
         self.skipped: list[str] = []
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for another epoch (shard order, shuffle buffer and target choice depend on it)."""
-        self.dataset.epoch = epoch
-
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
             batches: Any = iter(self.dataset)
@@ -450,7 +504,7 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
         raise ValueError(f"rank={rank} outside world_size={world_size}")
     if max_source_len < 3:
         raise ValueError(f"max_source_len={max_source_len}: needs room for bos, one token and eos")
-    manifest = read_manifest(split_dir, verify=verify)
+    manifest = read_split_manifest(split_dir, verify=verify)
     if manifest["task"] not in (None, task):
         raise DataError(f"{split_dir / MANIFEST}: holds task {manifest['task']!r}, expected {task!r}")
     ds = ShardDataset(split_dir, manifest, tokenizer, task, batch_size, train=train, seed=seed, epoch=epoch,

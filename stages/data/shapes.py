@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.common import task_prompt
+from stages.data.schema import task_prompt
 
 GENERATOR_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -31,6 +31,10 @@ RGB = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 70, 230), "yel
 SIZE_FRACTION = {"small": 0.17, "large": 0.29}  # object side / image side
 MAX_CAPTION_WORDS = 16  # words + commas, so a caption + EOS fits 17 queries
 MAX_ANSWER_WORDS = 3
+# Longest target (words / tokens) per task, plus EOS. Q-CTC needs num_queries >= target length + repeats; BPE may
+# split a word, so the real check also runs on the tokenised training split (train_nar counts infeasible targets).
+SHAPES_MIN_QUERIES: dict[str, int] = {"caption": MAX_CAPTION_WORDS + 1, "vqa": MAX_ANSWER_WORDS + 1,
+                                      "grounding": 4 + 1, "entailment": 1 + 1}
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
 _TASK_CODE = {"caption": 11, "vqa": 12, "grounding": 13, "entailment": 14}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
@@ -397,7 +401,7 @@ def entailment_item(objs: list[Obj], rng: np.random.Generator, index: int, image
 # ---- samples ------------------------------------------------------------------------------------------------
 def make_sample(task: str, split: str, index: int, image_size: int, seed: int, max_objects: int
                 ) -> tuple[dict, bytes]:
-    """One sample (schema of stages/common.py) and its PNG bytes."""
+    """One sample (schema of stages/data/schema.py) and its PNG bytes."""
     if task not in _TASK_CODE:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_CODE)}")
     if not 1 <= max_objects <= 4:

@@ -1,20 +1,17 @@
-"""Training and evaluation targets per task, and the box <-> location-token mapping.
+"""Training and evaluation targets per task, and the box -> location-token mapping.
 
-A box coordinate c of an image of size s (width for x, height for y) becomes bin k = round(c / s * (B - 1));
-bin k maps back to k / (B - 1) * s. The same quantisation holds for any square resize of the image, so targets
-never depend on the model's input resolution.
+A box coordinate c of an image of size s (width for x, height for y) becomes bin k = round(c / s * (B - 1)); bin k
+maps back to k / (B - 1) * s (`narvl_model.decoding.bins_to_box`). The same quantisation holds for any square
+resize of the image, so targets never depend on the model's input resolution.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import numpy as np
 
-from stages.common import REQUIRED_KEYS
-
-_BIN = re.compile(r"<bin_(\d+)>")
+from stages.data.schema import REQUIRED_KEYS
 
 
 def box_to_bins(box: list[float] | tuple[float, ...], image_size: list[int] | tuple[int, int], num_bins: int
@@ -26,28 +23,14 @@ def box_to_bins(box: list[float] | tuple[float, ...], image_size: list[int] | tu
                                                                                                     strict=True)]
 
 
-def bins_to_box(bins: list[int] | tuple[int, ...], image_size: list[int] | tuple[int, int], num_bins: int
-                ) -> list[float]:
-    """Pixel box of four bins (the inverse of `box_to_bins` up to quantisation)."""
-    w, h = image_size
-    scale = (w, h, w, h)
-    return [k / (num_bins - 1) * s for k, s in zip(bins, scale, strict=True)]
-
-
 def box_text(box: list[float], image_size: list[int], num_bins: int) -> str:
     """The grounding target: four location tokens "<bin_a> <bin_b> <bin_c> <bin_d>"."""
     return " ".join(f"<bin_{k}>" for k in box_to_bins(box, image_size, num_bins))
 
 
-def parse_box_text(text: str) -> list[int] | None:
-    """The four bins of a decoded grounding output, or None unless it holds exactly four location tokens."""
-    ks = [int(k) for k in _BIN.findall(text)]
-    return ks if len(ks) == 4 else None
-
-
-def vqa_confidence(answers: list[str], answer: str) -> float:
-    """VQA soft score of one answer: min(#annotators who gave it / 3, 1)."""
-    return min(sum(a == answer for a in answers) / 3.0, 1.0)
+def vqa_confidence(answers: list[str]) -> dict[str, float]:
+    """VQA soft score (the training weight) of each distinct annotator answer: min(#annotators who gave it / 3, 1)."""
+    return {a: min(c / 3.0, 1.0) for a, c in Counter(answers).items()}
 
 
 def majority_answer(answers: list[str]) -> str:
@@ -77,7 +60,7 @@ def train_target(sample: dict, rng: np.random.Generator, num_bins: int) -> tuple
     if task == "vqa":
         answers = sample["answers"]
         answer = answers[int(rng.integers(len(answers)))]  # uniform over annotators = by frequency
-        return answer, vqa_confidence(answers, answer)
+        return answer, vqa_confidence(answers)[answer]
     if task == "grounding":
         return box_text(sample["box"], sample["image_size"], num_bins), 1.0
     return sample["label"], 1.0
