@@ -52,7 +52,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.study import StudyError
     from stages.data.converters import ConversionError
 
-    from stages.data.converters import ConversionError
 
     errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError, ExecutionError, StorageError,
                                          ConversionError]

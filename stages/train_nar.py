@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from narvl_model.losses import is_ctc_feasible
 from stages.common import StageLog
 from stages.config import TrainNARStage
-from narvl_model.losses import is_ctc_feasible
 from stages.train import TrainInputs, TrainJob, load_target_override, train
 
 VERSION = 2
