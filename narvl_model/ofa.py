@@ -52,10 +52,12 @@ OPTIONAL_BUFFERS = ("encoder.version", "decoder.version", "encoder.token_rp_buck
                     "encoder.image_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx")
 
 # Globals a fairseq checkpoint may pickle besides tensors and plain containers (which weights_only allows): the
-# argparse Namespace of its training arguments and numpy scalars/dtypes in its meters. Anything else is refused.
-ALLOWED_PICKLE_GLOBALS = ("argparse.Namespace", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-                          "numpy.dtype", "numpy.dtypes.Float64DType", "numpy.dtypes.Float32DType",
-                          "numpy.dtypes.Int64DType")
+# argparse Namespace of its training arguments, and numpy scalars / arrays of numbers in its meters (their numeric
+# dtype classes are allowed with them). Anything else is refused.
+ALLOWED_PICKLE_GLOBALS = ("argparse.Namespace", "numpy.dtype", "numpy.ndarray",
+                          "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+                          "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct")
+_NUMPY_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")
 
 # Fields that must agree between a model config and the checkpoint it starts from.
 ARCH_FIELDS = ("d_model", "encoder_layers", "decoder_layers", "heads", "ffn_dim", "backbone", "resnet_layers",
@@ -102,6 +104,10 @@ def safe_torch_load(path: Path) -> Any:
             objects.append(_allowed_global(name))
         except (ImportError, AttributeError):
             continue  # a numpy path of another numpy major version
+    if any(name.startswith("numpy") for name in needed):
+        import numpy as np
+
+        objects += [type(np.dtype(t)) for t in _NUMPY_DTYPES]
     with torch.serialization.safe_globals(objects):
         return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -263,6 +263,16 @@ def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path):
         ofa.read_ofa_file(tmp_path / "nowhere.pt")
 
 
+def test_fairseq_meters_with_numpy_values_are_allowed(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "meters.pt"
+    torch.save({"args": argparse.Namespace(dropout=0.2), "model": {"w": torch.ones(2)},
+                "extra_state": {"best": np.float64(0.5), "n": np.int64(3), "hist": np.zeros(2, np.float32)}}, path)
+    state, args = ofa.read_ofa_file(path)
+    assert torch.equal(state["w"], torch.ones(2)) and args == {"dropout": 0.2}
+
+
 def test_plain_state_dict_and_namespace_args_are_read(tmp_path):
     state = {"encoder.version": torch.tensor([3.0])}
     torch.save(state, tmp_path / "plain.pt")
