@@ -3,8 +3,7 @@
 The OFA sizes follow the OFA paper / public configs (see shared IMPLEMENTATION-NOTES): layers, d_model, heads,
 FFN width and the ResNet depth of stages 1-3, with OFA's layer options, so that they are OFA's models key for key
 (narvl_model.ofa loads OFA's checkpoints into them; tests/test_ofa.py checks names, shapes, counts and logits).
-The `cpu-*` presets are small models for tests and the CPU
-profiles (a small conv backbone for 32-128 px images).
+The `cpu-*` presets are small models for tests and the CPU profiles (a small conv backbone for 32-128 px images).
 """
 
 from __future__ import annotations
