@@ -155,6 +155,9 @@ def config_from_ofa(state: dict[str, Tensor], args: dict[str, Any] | None = None
     absent = [k for k in need if k not in state]
     if absent:
         raise ValueError(f"not an OFA state dict: keys {absent} are missing")
+    for flag, ours in (("attn_scale_factor", 2), ("scale_resids", False)):
+        if flag in args and args[flag] != ours:
+            raise ValueError(f"checkpoint trained with {flag}={args[flag]!r}: this model implements {ours!r} only")
     if args.get("entangle_position_embedding"):
         raise ValueError("checkpoint trained with --entangle-position-embedding (encoder-side entangled positions): "
                          "not supported, no OFA script uses it")

@@ -150,6 +150,8 @@ def test_forward_parity_entangled_decoder(ofa_weights, fixture_tensors):
     """OFA without --disable-entangle adds raw target positions in the decoder: read from the file's args."""
     cfg = ofa.config_from_ofa(ofa_weights, {"disable_entangle": False})
     assert cfg.decoder_entangled and not cfg.entangle_positions
+    with pytest.raises(ValueError, match="attn_scale_factor=1"):
+        ofa.config_from_ofa(ofa_weights, {"attn_scale_factor": 1})
     model = ARModel(cfg).eval()
     model.load_state_dict(ofa.ofa_to_ours(ofa_weights, cfg, ofa.expected_shapes(cfg)))
     t = fixture_tensors
