@@ -1,8 +1,9 @@
 """Model configuration and named presets.
 
 The OFA sizes follow the OFA paper / public configs (see shared IMPLEMENTATION-NOTES): layers, d_model, heads,
-FFN width and the ResNet depth of stages 1-3. The `cpu-*` presets are small models for tests and the CPU
-profiles (a small conv backbone for 32-128 px images).
+FFN width and the ResNet depth of stages 1-3, with OFA's layer options, so that they are OFA's models key for key
+(narvl_model.ofa loads OFA's checkpoints into them; tests/test_ofa.py checks names, shapes, counts and logits).
+The `cpu-*` presets are small models for tests and the CPU profiles (a small conv backbone for 32-128 px images).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-OFA_VOCAB_SIZE = 59457  # GPT-2 BPE 50,257 + 4 specials + <mask> + 8,192 image codes + 1,000 bins - 1 (OFA's dict)
+OFA_VOCAB_SIZE = 59457  # OFA's embedding rows: 4 specials + 50,260 dict.txt lines + <mask> + 8,192 codes + 1,000 bins
 
 
 class ModelConfig(BaseModel):
@@ -29,6 +30,12 @@ class ModelConfig(BaseModel):
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="max stochastic depth, rising linearly over layers")
     normformer: bool = True
+    # NormFormer parts one by one (None: follow `normformer`): LayerNorm on each attention output (OFA's
+    # --scale-attn: attn_ln / self_attn_ln / cross_attn_ln), LayerNorm on the FFN hidden (--scale-fc:
+    # ffn_layernorm), per-head output scales (--scale-heads: c_attn).
+    scale_attn: bool | None = None
+    scale_fc: bool | None = None
+    scale_heads: bool | None = None
     init_std: float | None = Field(None, gt=0, description="std of the Linear weights at init; None = fan_in**-0.5. "
                                    "OFA's 0.02 suits d_model >= 256: on narrow models it starves attention learning")
     # image backbone: 'resnet' is OFA's (stem + stages 1-3, bottleneck blocks, stride 16);
@@ -45,6 +52,22 @@ class ModelConfig(BaseModel):
     entangle_positions: bool = Field(False, description="also add the position embeddings to the token vectors "
                                      "(OFA's entangle_position_embedding); off in OFA, where positions are biases only")
     image_rel_pos_max: int = Field(16, gt=0, description="max |dx|,|dy| of the 2-D relative image bias table")
+    entangle_decoder_positions: bool | None = Field(
+        None, description="decoder only (None: follow entangle_positions); OFA without --disable-entangle adds the "
+                          "raw target position embeddings in the decoder but not in the encoder")
+    # OFA's exact position layout ("ofa"): text relative buckets sign(i-j) * (|i-j| if <= buckets/2, else log-spaced
+    # up to max positions) in a (2*rel_pos_buckets - 1)-row table; image offsets (query - key) in a
+    # (2*image_rel_pos_max - 1)**2 + 3 table; image position ids h*image_rel_pos_max + w + 1 in a
+    # image_rel_pos_max**2 + 1 table; text position tables with 2 spare rows (fairseq's max_positions + 2).
+    # "narvl": this repo's own layout (T5-style buckets over rel_pos_buckets rows; smaller tables).
+    position_scheme: Literal["narvl", "ofa"] = "narvl"
+    image_pos_ln: bool = Field(False, description="a LayerNorm of its own for the image position embeddings "
+                               "(OFA's image_pos_ln); off: the text position LayerNorm serves both")
+    zero_pad_embeddings: bool = Field(False, description="zero the encoder input at text padding positions after "
+                                      "the embedding LayerNorm (OFA does)")
+    code_embeddings: bool = Field(False, description="hold OFA's decoder image-code parameters (code LayerNorm, "
+                                  "image position table and LayerNorm, image relative tables) so OFA checkpoints "
+                                  "load exactly; unused by the forward pass (no image generation here), frozen")
     # NARVL
     num_queries: int = Field(20, ge=1, description="learnable query tokens (LQT)")
     decoder_input: Literal["queries", "encoder"] = "queries"
@@ -67,6 +90,17 @@ class ModelConfig(BaseModel):
             raise ValueError(f"blank_id={self.blank_id} outside the vocabulary of size {self.vocab_size}")
         return self
 
+    @property
+    def scale_parts(self) -> tuple[bool, bool, bool]:
+        """(scale_attn, scale_fc, scale_heads) with the unset ones taken from `normformer`."""
+        nf = self.normformer
+        return tuple(nf if v is None else v for v in (self.scale_attn, self.scale_fc, self.scale_heads))
+
+    @property
+    def decoder_entangled(self) -> bool:
+        """Whether the decoder adds its position embeddings to its input vectors."""
+        return self.entangle_positions if self.entangle_decoder_positions is None else self.entangle_decoder_positions
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> ModelConfig:
         """A named preset (see PRESETS), with field overrides."""
@@ -81,6 +115,11 @@ def _ofa(layers: tuple[int, int], d: int, heads: int, resnet: tuple[int, int, in
         backbone="resnet", resnet_layers=resnet, backbone_width=64, image_size=size, dropout=0.1,
         max_source_positions=1024, max_target_positions=1024, rel_pos_buckets=256, image_rel_pos_max=42,
         drop_path=0.1, init_std=0.02,
+        # OFA's exact layer structure (its caption / pretraining flags: --scale-attn --scale-fc --scale-heads
+        # --patch-layernorm-embedding --code-layernorm-embedding --add-type-embedding --share-all-embeddings
+        # --disable-entangle), so OFA checkpoints load key for key (narvl_model.ofa)
+        normformer=True, position_scheme="ofa", image_pos_ln=True, zero_pad_embeddings=True, code_embeddings=True,
+        entangle_positions=False,
     )
 
 

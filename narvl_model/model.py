@@ -136,6 +136,53 @@ def image_rel_index(h: int, w: int, size: int, device=None) -> Tensor:
     return dy * (2 * size - 1) + dx
 
 
+def ofa_text_rel_index(q_len: int, k_len: int, num_buckets: int, max_position: int, device=None) -> Tensor:
+    """OFA's text relative-position index (q_len, k_len) into a (2*num_buckets - 1)-row table.
+
+    rel = query - key; |rel| <= num_buckets/2 keeps its value, further ones are log-spaced up to max_position
+    (computed in float32 as OFA does); index = bucket + num_buckets - 1.
+    """
+    mid = num_buckets // 2
+    rel = torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    n = rel.abs()
+    far = torch.ceil(torch.log(n.float() / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(n <= mid, rel, (far * rel.sign()).long())
+    return bucket + num_buckets - 1
+
+
+def text_rel_index(cfg: ModelConfig, q_len: int, k_len: int, max_position: int, device=None) -> Tensor:
+    """Index (q_len, k_len) into the text relative table of cfg.position_scheme (see text_rel_table_size)."""
+    if cfg.position_scheme == "ofa":
+        return ofa_text_rel_index(q_len, k_len, cfg.rel_pos_buckets, max_position, device)
+    return text_rel_buckets(q_len, k_len, cfg.rel_pos_buckets, device)
+
+
+def text_rel_table_size(cfg: ModelConfig) -> int:
+    return 2 * cfg.rel_pos_buckets - 1 if cfg.position_scheme == "ofa" else cfg.rel_pos_buckets
+
+
+def image_rel_table_size(cfg: ModelConfig) -> int:
+    """(2*size - 1)**2 offsets; OFA adds 3 rows for its CLS slot (unused here: no CLS token)."""
+    return (2 * cfg.image_rel_pos_max - 1) ** 2 + (3 if cfg.position_scheme == "ofa" else 0)
+
+
+def image_pos_ids(cfg: ModelConfig, h: int, w: int, device=None) -> Tensor:
+    """Rows of the image position table for an h x w grid (OFA: h*size + w + 1; row 0 is its CLS slot)."""
+    idx = image_grid_index(h, w, cfg.image_rel_pos_max, device)
+    return idx + 1 if cfg.position_scheme == "ofa" else idx
+
+
+def image_rel_index_for(cfg: ModelConfig, h: int, w: int, device=None) -> Tensor:
+    """Image relative index (h*w, h*w): key - query in this repo's layout, query - key in OFA's."""
+    idx = image_rel_index(h, w, cfg.image_rel_pos_max, device)
+    return idx.T if cfg.position_scheme == "ofa" else idx
+
+
+def position_table_rows(cfg: ModelConfig, n: int) -> int:
+    """Rows of a text/target position table for n positions (OFA: fairseq's n + 2; positions still start at 0)."""
+    return n + 2 if cfg.position_scheme == "ofa" else n
+
+
 def absolute_bias(pos_q: nn.Linear, pos_k: nn.Linear, q_pos: Tensor, k_pos: Tensor, heads: int) -> Tensor:
     """Content-free position bias (1, H, Tq, Tk): scaled q-projection of query positions . k-projection of keys."""
     tq, tk, d = q_pos.shape[0], k_pos.shape[0], q_pos.shape[1]
@@ -205,19 +252,19 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cross: bool, drop_path_rate: float):
         super().__init__()
-        d, nf = cfg.d_model, cfg.normformer
+        d, (scale_attn, scale_fc, scale_heads) = cfg.d_model, cfg.scale_parts
         self.dropout, self.drop_path = cfg.dropout, drop_path_rate
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.self_attn = Attention(d, cfg.heads, cfg.attention_dropout, nf)
-        self.self_attn_ln = nn.LayerNorm(d) if nf else nn.Identity()
+        self.self_attn = Attention(d, cfg.heads, cfg.attention_dropout, scale_heads)
+        self.self_attn_ln = nn.LayerNorm(d) if scale_attn else nn.Identity()
         self.cross = cross
         if cross:
             self.encoder_attn_layer_norm = nn.LayerNorm(d)
-            self.encoder_attn = Attention(d, cfg.heads, cfg.attention_dropout, nf)
-            self.cross_attn_ln = nn.LayerNorm(d) if nf else nn.Identity()
+            self.encoder_attn = Attention(d, cfg.heads, cfg.attention_dropout, scale_heads)
+            self.cross_attn_ln = nn.LayerNorm(d) if scale_attn else nn.Identity()
         self.final_layer_norm = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, cfg.ffn_dim)
-        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim) if nf else nn.Identity()
+        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim) if scale_fc else nn.Identity()
         self.fc2 = nn.Linear(cfg.ffn_dim, d)
 
     def _residual(self, x: Tensor, branch: Tensor) -> Tensor:
@@ -280,14 +327,15 @@ class Encoder(nn.Module):
         self.type_embedding = nn.Embedding(2, d)  # 0 text, 1 image
         self.layernorm_embedding = nn.LayerNorm(d)  # text part
         self.image_layernorm_embedding = nn.LayerNorm(d)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_rel_pos_max ** 2, d)
+        self.embed_positions = nn.Embedding(position_table_rows(cfg, cfg.max_source_positions), d)
+        self.embed_image_positions = nn.Embedding(cfg.image_rel_pos_max ** 2 + (cfg.position_scheme == "ofa"), d)
         self.pos_ln = nn.LayerNorm(d)
+        self.image_pos_ln = nn.LayerNorm(d) if cfg.image_pos_ln else None  # None: pos_ln serves both
         self.pos_q_linear, self.pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
         n = cfg.encoder_layers
-        self.rel_pos_tables = nn.ModuleList(nn.Embedding(cfg.rel_pos_buckets, cfg.heads) for _ in range(n))
+        self.rel_pos_tables = nn.ModuleList(nn.Embedding(text_rel_table_size(cfg), cfg.heads) for _ in range(n))
         self.image_rel_pos_tables = nn.ModuleList(
-            nn.Embedding((2 * cfg.image_rel_pos_max - 1) ** 2, cfg.heads) for _ in range(n))
+            nn.Embedding(image_rel_table_size(cfg), cfg.heads) for _ in range(n))
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross=False, drop_path_rate=r)
                                     for r in _drop_path_rates(n, cfg.drop_path))
         self.layer_norm = nn.LayerNorm(d)
@@ -295,10 +343,10 @@ class Encoder(nn.Module):
     def _rel_index(self, gh: int, gw: int, s: int, device) -> Tensor:
         """Index (L, L) into cat(text table, image table, zero row): text-text, image-image, else zero."""
         cfg, i = self.cfg, gh * gw
-        nb, ni = cfg.rel_pos_buckets, (2 * cfg.image_rel_pos_max - 1) ** 2
+        nb, ni = text_rel_table_size(cfg), image_rel_table_size(cfg)
         idx = torch.full((i + s, i + s), nb + ni, dtype=torch.long, device=device)
-        idx[:i, :i] = nb + image_rel_index(gh, gw, cfg.image_rel_pos_max, device)
-        idx[i:, i:] = text_rel_buckets(s, s, nb, device)
+        idx[:i, :i] = nb + image_rel_index_for(cfg, gh, gw, device)
+        idx[i:, i:] = text_rel_index(cfg, s, s, cfg.max_source_positions, device)
         return idx
 
     def forward(self, image: Tensor, src_tokens: Tensor) -> EncoderOut:
@@ -308,17 +356,20 @@ class Encoder(nn.Module):
         b, s = src_tokens.shape
         if s > cfg.max_source_positions:
             raise ValueError(f"{s} source tokens exceed max_source_positions={cfg.max_source_positions}")
-        img_pos = self.embed_image_positions(image_grid_index(gh, gw, cfg.image_rel_pos_max, dev))  # (I, D)
+        img_pos = self.embed_image_positions(image_pos_ids(cfg, gh, gw, dev))  # (I, D)
         txt_pos = self.embed_positions.weight[:s]  # (S, D)
         img = self.image_proj(feats.flatten(2).transpose(1, 2)) + self.type_embedding.weight[1]  # (B, I, D)
         txt = self.embed_tokens(src_tokens) + self.type_embedding.weight[0]  # (B, S, D)
         if cfg.entangle_positions:
             img, txt = img + img_pos, txt + txt_pos
         x = torch.cat([self.image_layernorm_embedding(img), self.layernorm_embedding(txt)], dim=1)  # (B, L, D)
-        x = F.dropout(x, cfg.dropout, self.training)
         pad = torch.cat([torch.zeros(b, gh * gw, dtype=torch.bool, device=dev), src_tokens.eq(cfg.pad_id)], 1)
+        if cfg.zero_pad_embeddings:
+            x = x.masked_fill(pad[..., None], 0.0)
+        x = F.dropout(x, cfg.dropout, self.training)
 
-        pos = self.pos_ln(torch.cat([img_pos, txt_pos]))  # (L, D)
+        img_ln = self.pos_ln if self.image_pos_ln is None else self.image_pos_ln
+        pos = torch.cat([img_ln(img_pos), self.pos_ln(txt_pos)])  # (L, D)
         abs_bias = absolute_bias(self.pos_q_linear, self.pos_k_linear, pos, pos, cfg.heads).to(x.dtype)
         pad_bias = padding_bias(pad, x.dtype)  # (B, 1, 1, L)
         rel_idx = self._rel_index(gh, gw, s, dev)
@@ -341,13 +392,23 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, num_positions: int, causal: bool):
         super().__init__()
         d, self.cfg, self.causal = cfg.d_model, cfg, causal
-        self.embed_positions = nn.Embedding(num_positions, d)
+        self.num_positions = num_positions
+        self.embed_positions = nn.Embedding(position_table_rows(cfg, num_positions), d)
         self.layernorm_embedding = nn.LayerNorm(d)
         self.pos_ln = nn.LayerNorm(d)
         self.pos_q_linear, self.pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
         self.cross_pos_q_linear, self.cross_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
         n = cfg.decoder_layers
-        self.rel_pos_tables = nn.ModuleList(nn.Embedding(cfg.rel_pos_buckets, cfg.heads) for _ in range(n))
+        self.rel_pos_tables = nn.ModuleList(nn.Embedding(text_rel_table_size(cfg), cfg.heads) for _ in range(n))
+        if cfg.code_embeddings:  # OFA's image-code decoding parameters: held for checkpoints, not used, frozen
+            self.code_layernorm_embedding = nn.LayerNorm(d)
+            self.embed_image_positions = nn.Embedding(cfg.image_rel_pos_max ** 2 + 1, d)
+            self.image_pos_ln = nn.LayerNorm(d)
+            self.image_rel_pos_tables = nn.ModuleList(
+                nn.Embedding(image_rel_table_size(cfg), cfg.heads) for _ in range(n))
+            for module in (self.code_layernorm_embedding, self.embed_image_positions, self.image_pos_ln,
+                           self.image_rel_pos_tables):
+                module.requires_grad_(False)
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross=True, drop_path_rate=r)
                                     for r in _drop_path_rates(n, cfg.drop_path))
         self.layer_norm = nn.LayerNorm(d)
@@ -355,14 +416,14 @@ class Decoder(nn.Module):
     def biases(self, t: int, enc: EncoderOut, dtype: torch.dtype) -> tuple[list[Tensor], Tensor]:
         """Per-layer self-attention biases [(1, H, T, T)] and the cross-attention bias (B, H, T, L)."""
         cfg = self.cfg
-        if t > self.embed_positions.num_embeddings:
+        if t > self.num_positions:
             raise ValueError(f"{t} decoder positions exceed the position table "
-                             f"({self.embed_positions.num_embeddings}); raise max_target_positions / max_queries")
+                             f"({self.num_positions}); raise max_target_positions / max_queries")
         pos = self.pos_ln(self.embed_positions.weight[:t])  # (T, D)
         self_abs = absolute_bias(self.pos_q_linear, self.pos_k_linear, pos, pos, cfg.heads)
         if self.causal:
             self_abs = self_abs + torch.full((t, t), NEG_INF, device=pos.device).triu(1)
-        buckets = text_rel_buckets(t, t, cfg.rel_pos_buckets, pos.device)
+        buckets = text_rel_index(cfg, t, t, self.num_positions, pos.device)
         self_biases = [(self_abs + table(buckets).permute(2, 0, 1).unsqueeze(0)).to(dtype)
                        for table in self.rel_pos_tables]
         cross = absolute_bias(self.cross_pos_q_linear, self.cross_pos_k_linear, pos, enc.pos_embed[0], cfg.heads)
@@ -370,7 +431,7 @@ class Decoder(nn.Module):
 
     def add_positions(self, x: Tensor, start: int) -> Tensor:
         """x (B, T, D) at positions start..start+T-1, plus their embeddings when cfg.entangle_positions."""
-        if not self.cfg.entangle_positions:
+        if not self.cfg.decoder_entangled:
             return x
         return x + self.embed_positions.weight[start:start + x.shape[1]]
 

@@ -160,18 +160,37 @@ class Tokenizer:
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         inner.decoder = decoders.ByteLevel()
         dict_index: dict[int, int] = {}
-        for i, line in enumerate(Path(dict_txt).read_text(encoding="utf-8").splitlines()):
-            word = line.split()[0]
-            if not word.lstrip("-").isdigit():
-                raise ValueError(f"{dict_txt}: line {i + 1} {line!r} is not '<gpt2 id> <count>'")
-            dict_index[int(word)] = len(SPECIALS) + i
+        lines = Path(dict_txt).read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            # fairseq: "<symbol> <count> [#fairseq:overwrite]"; symbols that are no GPT-2 id (the madeupword
+            # padding lines of fairseq's GPT-2 dict.txt) keep their row but no text maps to them
+            parts = line.split()
+            if len(parts) not in (2, 3) or not parts[1].lstrip("-").isdigit():
+                raise ValueError(f"{dict_txt}: line {i + 1} {line!r} is not '<symbol> <count> [flag]'")
+            if parts[0].isdigit():
+                dict_index[int(parts[0])] = len(SPECIALS) + i
         n_inner = max(vocab.values()) + 1
         table = np.full(n_inner, UNK_ID, dtype=np.int64)
         for gpt2_id, final in dict_index.items():
             if 0 <= gpt2_id < n_inner:
                 table[gpt2_id] = final
         # dict.txt lines that are no GPT-2 id of encoder.json still take their index
-        return cls(inner, table, num_bins=num_bins, num_codes=num_codes, kind="ofa", num_text=len(dict_index))
+        return cls(inner, table, num_bins=num_bins, num_codes=num_codes, kind="ofa", num_text=len(lines))
+
+    @classmethod
+    def from_ofa_bpe_dir(cls, bpe_dir: str | Path, num_bins: int = 1000, num_codes: int = 8192) -> Tokenizer:
+        """OFA's tokenizer from its BPE folder (OFA's `utils/BPE`: encoder.json, vocab.bpe, dict.txt).
+
+        With OFA's files the ids equal the rows of OFA's checkpoints: <s>=0 <pad>=1 </s>=2 <unk>=3, text 4..50263,
+        <mask>=50264, <code_0..8191>=50265..58456, <bin_0..999>=58457..59456; the CTC blank is one extra row, 59457.
+        """
+        d = Path(bpe_dir)
+        files = [d / "encoder.json", d / "vocab.bpe", d / "dict.txt"]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"OFA BPE folder {d}: missing {absent} (OFA's utils/BPE holds encoder.json, "
+                                    f"vocab.bpe and dict.txt)")
+        return cls.from_ofa_files(*files, num_bins=num_bins, num_codes=num_codes)
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

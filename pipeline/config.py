@@ -17,6 +17,7 @@ from stages.config import (
     DistillConfig,
     EvalConfig,
     NARTrainConfig,
+    OFAInit,
     PretrainConfig,
     ResourcesConfig,
     Strict,
@@ -74,6 +75,21 @@ class PipelineConfig(Strict):
     # the same ablations for every task, or per task: {caption: [ce_no_kd, no_kd], vqa: [no_kd]}
     ablations: list[Ablation] | dict[Task, list[Ablation]] = Field(default_factory=list)
     resources: ResourcesConfig = ResourcesConfig()
+    # the teacher starts from OFA's weights (the paper's recipe); NARVL then starts from the fine-tuned teacher
+    init_from: OFAInit | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ofa_tokenizer(cls, data: Any) -> Any:
+        """init_from.bpe_dir selects OFA's tokenizer: data.tokenizer=ofa, data.ofa_bpe_dir=bpe_dir."""
+        init = data.get("init_from") if isinstance(data, dict) else None
+        section = data.get("data", {}) if isinstance(data, dict) else None
+        if not (isinstance(init, dict) and init.get("bpe_dir") and isinstance(section, dict)):
+            return data
+        if section.get("ofa_bpe_dir") not in (None, init["bpe_dir"]):
+            raise ValueError(f"init_from.bpe_dir={init['bpe_dir']!r} and data.ofa_bpe_dir={section['ofa_bpe_dir']!r}"
+                             " name different folders; set one of them")
+        return {**data, "data": {**section, "tokenizer": "ofa", "ofa_bpe_dir": init["bpe_dir"]}}
 
     def task_ablations(self, task: Task) -> list[Ablation]:
         """The ablations that run for `task`."""
@@ -103,6 +119,14 @@ class PipelineConfig(Strict):
                 f"{self.data.image_size}; set model.overrides.image_size or data.image_size to match"
             )
         shared = self.model.build()
+        if self.init_from is not None:
+            if shared.position_scheme != "ofa":
+                raise ValueError(f"init_from.ofa needs an OFA model preset (tiny, medium, base, large, huge) of the "
+                                 f"checkpoint's size, not {self.model.preset!r}")
+            if self.data.tokenizer != "ofa" or self.data.num_bins != 1000:
+                raise ValueError("init_from.ofa needs OFA's tokenizer so that ids are the checkpoint's rows: set "
+                                 "init_from.bpe_dir (OFA's utils/BPE) and data.num_bins=1000 "
+                                 f"(got tokenizer={self.data.tokenizer}, num_bins={self.data.num_bins})")
         for task in self.tasks:
             own = self.model.build(task)
             if own.image_size != self.data.image_size:

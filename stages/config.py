@@ -5,9 +5,10 @@ Fields marked `cache=False` (via `NoCache`) do not change results and stay out o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from narvl_model.config import ModelConfig
 
@@ -45,6 +46,40 @@ class DataConfig(Strict):
         if self.tokenizer == "ofa" and not self.ofa_bpe_dir:
             raise ValueError("data.tokenizer=ofa needs data.ofa_bpe_dir (encoder.json, vocab.bpe, dict.txt)")
         return self
+
+
+class OFAInit(Strict):
+    """Start the AR teacher from OFA's released weights, as the paper does (README: "Starting from OFA").
+
+    The model preset must be the checkpoint's size (ofa_base.pt -> base) and the tokenizer OFA's, so that token
+    ids are the checkpoint's embedding rows; the pipeline config sets data.tokenizer=ofa from bpe_dir. Paths are
+    checked when the config loads and stored resolved (absolute).
+    """
+
+    ofa: str = Field(description="OFA checkpoint: fairseq .pt (ofa_tiny.pt .. ofa_huge.pt) or a state dict "
+                                 "(.pt / .safetensors) with OFA's key names")
+    bpe_dir: str | None = Field(None, description="OFA's BPE folder (OFA's utils/BPE: encoder.json, vocab.bpe, "
+                                                  "dict.txt)")
+
+    @field_validator("ofa")
+    @classmethod
+    def _checkpoint_exists(cls, v: str) -> str:
+        path = Path(v).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"init_from.ofa: OFA checkpoint {path} not found (download e.g. ofa_base.pt, see the "
+                             "README section 'Starting from OFA')")
+        return str(path)
+
+    @field_validator("bpe_dir")
+    @classmethod
+    def _bpe_files_exist(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        path = Path(v).expanduser().resolve()
+        missing = [str(path / f) for f in ("encoder.json", "vocab.bpe", "dict.txt") if not (path / f).is_file()]
+        if missing:
+            raise ValueError(f"init_from.bpe_dir: OFA BPE files not found: {missing} (OFA's utils/BPE folder)")
+        return str(path)
 
 
 class TrainConfig(Strict):
@@ -204,6 +239,8 @@ class TrainStage(Strict):
     model: ModelConfig
     train: TrainConfig
     on_bad_sample: Literal["error", "skip"] = "error"
+    init_from: OFAInit | None = Field(None, description="start from OFA's weights (narvl_model.ofa."
+                                                        "init_model_from_ofa) instead of a random init")
 
 
 class TrainNARStage(Strict):

@@ -13,7 +13,7 @@ after 1,000 teacher steps VQA stayed at the language prior, shape accuracy at ch
 backbone tells the six shapes apart at about 95% within 500 steps.
 
 Only the built-in benchmark has the object annotations (sample meta "objects"); real data starts from OFA
-weights instead (`narvl_model.checkpoint.load_ofa_state_dict`), and the pipeline config rejects pretrain there.
+weights instead (`narvl_model.ofa.init_model_from_ofa`), and the pipeline config rejects pretrain there.
 """
 
 from __future__ import annotations

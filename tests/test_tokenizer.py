@@ -79,3 +79,41 @@ def test_ofa_save_load(tmp_path):
     back = Tokenizer.load(tmp_path)
     assert back.encode(" red circle z <bin_1>") == tok.encode(" red circle z <bin_1>")
     assert back.vocab_size == tok.vocab_size and back.mask_id == tok.mask_id
+
+
+def ofa_sized_bpe_dir(tmp_path: Path) -> Path:
+    """The fixture's BPE files with dict.txt grown to OFA's 50,260 lines: the fixture's 264 lines, GPT-2 ids the
+    fixture's encoder.json lacks, and fairseq's three madeupword padding lines (one with a fairseq flag)."""
+    d = tmp_path / "BPE"
+    d.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        (d / name).write_bytes((FIXTURES / name).read_bytes())
+    lines = (FIXTURES / "dict.txt").read_text().splitlines()
+    lines += [f"{1000 + i} 1" for i in range(50257 - len(lines))]
+    lines += ["madeupword0000 0", "madeupword0001 0", "madeupword0002 0 #fairseq:overwrite"]
+    (d / "dict.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_ofa_bpe_dir_gives_ofa_ids(tmp_path):
+    tok = Tokenizer.from_ofa_bpe_dir(ofa_sized_bpe_dir(tmp_path))
+    # OFA's rows: 4 specials + 50,260 dict lines, <mask>, 8,192 codes, 1,000 bins (59,457); the CTC blank is extra
+    assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 50264)
+    assert [tok.token(i) for i in (50264, 50265, 58456, 58457, 59456)] == \
+        ["<mask>", "<code_0>", "<code_8191>", "<bin_0>", "<bin_999>"]
+    assert (tok.bin_id(0), tok.bin_id(999), tok.blank_id, tok.vocab_size) == (58457, 59456, 59457, 59458)
+    assert tok.encode(" red circle <bin_999>") == [5, 4, 59456]
+    for text in ("a red circle at <bin_12> <bin_999>", "two red circles", "<bin_0> <bin_1> <bin_2> <bin_3>"):
+        assert tok.decode(tok.encode(text)) == text
+    # the madeupword rows exist (ids 50261-50263) but no text maps to them, and decoding drops them
+    assert tok.decode([5, 50262, 4]) == "red circle" and tok.num_text == 50260
+
+
+def test_ofa_bpe_dir_errors_name_the_file(tmp_path):
+    d = ofa_sized_bpe_dir(tmp_path)
+    (d / "dict.txt").write_text("264 1000\nnot-a-count-line\n")
+    with pytest.raises(ValueError, match=r"dict.txt: line 2 'not-a-count-line'"):
+        Tokenizer.from_ofa_bpe_dir(d)
+    (d / "encoder.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"encoder\.json"):
+        Tokenizer.from_ofa_bpe_dir(d)
