@@ -136,7 +136,7 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
 
     for task in cfg.tasks:
         teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(task), train=cfg.train_teacher,
-                             on_bad_sample=cfg.data.on_bad_sample)
+                             on_bad_sample=cfg.data.on_bad_sample, init_from=cfg.init_from)
         add(Node(task, "prepare_data", "prepare_data", PrepareDataStage(task=task, data=cfg.data), {}))
         teacher_inputs = {"data": "prepare_data"}
         if cfg.pretrain.enabled:

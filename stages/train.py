@@ -289,6 +289,10 @@ def build_model(job: TrainJob, stage_cfg, tokenizer):
     model_cfg = build_model_config(job.kind, stage_cfg, tokenizer)
     torch.manual_seed(stage_cfg.seed)
     if job.kind == "ar":
+        if stage_cfg.init_from is not None:  # OFA's pretrained weights, as the paper fine-tunes from
+            from narvl_model.ofa import init_model_from_ofa
+
+            return init_model_from_ofa(model_cfg, stage_cfg.init_from.ofa)
         model = ARModel(model_cfg)
         if job.inputs.pretrain is not None:
             from safetensors.torch import load_file
@@ -326,8 +330,9 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     model_cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # OFA's image codes are frozen
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tuple(tc.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.max_steps, tc.warmup_ratio))
