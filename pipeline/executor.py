@@ -124,11 +124,16 @@ class NodeLog:
         if now or len(self._pending) >= EVENT_BATCH or time.time() - self._last_flush > PROGRESS_EVERY_S:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Send what is pending; `wait`: until the sink holds it (at the end, so the driver's next drain has all)."""
         if self.sink is not None and self._pending:
-            self.sink.put.remote(self._pending)
+            ref = self.sink.put.remote(self._pending)
             self._pending = []
             self._last_flush = time.time()
+            if wait:
+                import ray
+
+                ray.get(ref)
 
     def info(self, msg: str) -> None:
         if self._text:
@@ -153,7 +158,7 @@ class NodeLog:
         self._emit("progress", {"step": step, "total": total})
 
     def close(self) -> None:
-        self.flush()
+        self.flush(wait=True)
         if self._text:
             self._text.close()
             self._text = None

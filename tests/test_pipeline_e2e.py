@@ -50,10 +50,18 @@ def test_smoke_pipeline_end_to_end(smoke_run):
         blind = result.summary["tasks"]["vqa"]["ar"]["metrics"]["blind_accuracy"]
         assert f"vqa {100 * blind:.2f}" in report
     # every executed stage left a finished folder with the manifest written last and the resolved config
+    from pipeline.storage import verify_files
+
     for st in result.statuses.values():
-        manifest = json.loads((st.dir / "manifest.json").read_text())
+        folder = root / st.rel
+        manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["status"] == "succeeded" and manifest["key"] == st.key
-        assert (st.dir / "config.yaml").exists() and (st.dir / "stage.log").exists()
+        assert (folder / "config.yaml").exists() and (folder / "stage.log").exists()
+        assert "stage.log" in manifest["files"]
+        verify_files(folder, st.rel)  # every file as the manifest's sha256 says
+    # the training stages ran as one worker inside their own Ray task (no worker group to start)
+    teacher = json.loads((root / result.statuses["vqa/train_teacher"].rel / "metrics.json").read_text())
+    assert teacher["launcher"] == "task" and teacher["steps"] == cfg.train_teacher.max_steps
 
 
 def test_mlflow_has_parent_and_one_child_per_stage(smoke_run):
@@ -75,16 +83,21 @@ def test_mlflow_has_parent_and_one_child_per_stage(smoke_run):
     assert any(a.path.endswith("predictions.parquet") for a in client.list_artifacts(ev.info.run_id))
 
 
-def test_rerun_is_all_cache_hits(smoke_run):
+def test_rerun_is_all_cache_hits(smoke_run, monkeypatch):
     from pipeline.dag import run_pipeline
+    from pipeline.executor import Executor
 
+    def no_ray(self):
+        raise AssertionError("an all-hit rerun started Ray")
+
+    monkeypatch.setattr(Executor, "ensure_ray", no_ray)
     cfg, root, first, first_s = smoke_run
     started = time.time()
     result = run_pipeline(cfg, root)
     took = time.time() - started
     assert result.ok
     assert {s.state for s in result.statuses.values()} == {"hit"}
-    assert {s.dir for s in result.statuses.values()} == {s.dir for s in first.statuses.values()}
+    assert {s.rel for s in result.statuses.values()} == {s.rel for s in first.statuses.values()}
     assert took < first_s / 4
     client = _client(root)
     hits = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
@@ -97,7 +110,7 @@ def test_sweep_reuses_cached_prefix(smoke_run):
     from pipeline.sweep import SweepConfig, run_sweep
 
     cfg, root, first, _ = smoke_run
-    teacher_dir = first.statuses["vqa/train_teacher"].dir
+    teacher_dir = root / first.statuses["vqa/train_teacher"].rel
     teacher_mtime = (teacher_dir / "manifest.json").stat().st_mtime
     n_default = cfg.train_nar.num_queries["vqa"]
     scfg = SweepConfig(name="sweep-test", pipeline="smoke", num_queries={"vqa": [n_default, 8]})

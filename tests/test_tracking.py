@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,25 +9,38 @@ import pytest
 from pipeline import dag
 from pipeline.config import load_config
 from pipeline.testing import FAKE_STAGES
-from pipeline.tracking import FileStageLog, _param_value, flatten, read_stage_metrics
+from pipeline.tracking import _param_value, flatten
 
 NODES = {"prepare_data", "pretrain", "train_teacher", "distill", "train_nar", "evaluate_ar", "evaluate_narvl",
        "benchmark"}
 
 
-def test_file_stage_log(tmp_path):
-    log = FileStageLog(tmp_path, progress_every_s=0.0)
-    log.info("hello")
-    log.metrics({"loss": 0.5, "bad": float("nan")}, step=3)
-    log.progress(3, 10)
-    (tmp_path / "plot.png").write_bytes(b"png")
-    log.artifact(tmp_path / "plot.png")
+def test_node_log_reaches_the_driver_through_ray(ray_session, tmp_path):
+    import ray
+
+    from pipeline.executor import LogSink, NodeLog
+
+    sink = ray.remote(num_cpus=0)(LogSink).remote()
+
+    @ray.remote(num_cpus=0)
+    def stage(sink) -> None:  # a stage on some worker: only the sink handle connects it to the driver
+        log = NodeLog("caption/train_nar", sink, folder=None)
+        log.info("hello")
+        log.metrics({"loss": 0.5, "bad": float("nan")}, step=3)
+        log.progress(3, 10)
+        log.close()
+
+    ray.get(stage.remote(sink))
+    events = ray.get(sink.drain.remote())
+    kinds = [(node, kind) for node, kind, _ in events]
+    assert ("caption/train_nar", "info") in kinds and ("caption/train_nar", "progress") in kinds
+    metrics = [p for _, kind, p in events if kind == "metrics"]
+    assert [(m["step"], m["values"]) for m in metrics] == [(3, {"loss": 0.5})]  # non-finite values dropped
+    assert ray.get(sink.drain.remote()) == []
+    log = NodeLog("x", None, folder=tmp_path)  # without a driver: the text log only
+    log.info("alone")
     log.close()
-    records, artifacts = read_stage_metrics(tmp_path)
-    assert [(s, v) for s, _, v in records] == [(3, {"loss": 0.5})]
-    assert artifacts == [(tmp_path / "plot.png").resolve()]
-    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 3
-    assert "hello" in (tmp_path / "stage.log").read_text()
+    assert "alone" in (tmp_path / "stage.log").read_text()
 
 
 def test_flatten_and_param_limits():
