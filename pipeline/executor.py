@@ -417,7 +417,8 @@ def run_fanned_out(spec: NodeSpec, stage: Any, inputs: Any, scratch: Path, log: 
     import ray
 
     n = spec.cfg.distill.num_actors
-    remote = ray.remote(_decode_part).options(**_ray_resources(spec.resources), max_retries=2)
+    remote = ray.remote(_decode_part).options(**_ray_resources(spec.resources), max_retries=2,
+                                              runtime_env={"env_vars": carried_env()})
     log.info(f"decoding in {n} parts, each asking for {_describe(spec.resources)}")
     parts = ray.get([remote.remote(spec, i, n) for i in range(n)])
     return stage.run(spec.cfg, inputs, scratch, log, parts=parts)
@@ -735,7 +736,7 @@ class Executor:
             options = _ray_resources(res)
         # a lost node retries the task elsewhere; training resumes from its work store on the root
         retries = node.cfg.train.max_failures if training else 0
-        env = {"DS_ACCELERATOR": "cuda" if training and node.cfg.train.use_gpu else "cpu"}
+        env = {"DS_ACCELERATOR": "cuda" if training and node.cfg.train.use_gpu else "cpu", **carried_env()}
         st.state, st.started = "running", time.time()
         return remote.options(**options, max_retries=retries, name=node.id,
                               runtime_env={"env_vars": env}).remote(spec)

@@ -47,8 +47,8 @@ def carried_env() -> dict[str, str]:
 def adopt_carried_env() -> None:
     """In a worker: take each carried variable the node does not set itself."""
     for k, v in list(os.environ.items()):
-        if k.startswith(CARRY_PREFIX):
-            os.environ.setdefault(k[len(CARRY_PREFIX):], v)
+        if k.startswith(CARRY_PREFIX) and not os.environ.get(k[len(CARRY_PREFIX):]):  # empty counts as unset
+            os.environ[k[len(CARRY_PREFIX):]] = v
 
 
 def sha256_file(path: Path) -> str:

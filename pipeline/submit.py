@@ -39,7 +39,7 @@ def submit_run(address: str, run_args: list[str], *, entrypoint_num_cpus: float 
             env[k] = os.environ[k]
     job_id = f"narvl-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     return client(address).submit_job(
-        entrypoint="narvl run " + shlex.join(run_args),
+        entrypoint=f"{os.environ.get('NARVL_JOB_PYTHON', 'python')} -m pipeline run " + shlex.join(run_args),
         submission_id=job_id,
         runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env},
         entrypoint_num_cpus=entrypoint_num_cpus,

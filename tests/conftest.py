@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# every Ray node the tests start (a local Ray, a multi-node cluster) resolves its address to 127.0.0.1
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,16 +26,24 @@ def realdata() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One small local Ray for the whole test session (2 CPUs, no dashboard); shut down at the end."""
+def _ray_at_exit():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_at_exit):
+    """A small local Ray (2 CPUs, no dashboard, 127.0.0.1), started once and shared by the modules that need one;
+    a module that needs its own cluster (test_cluster.py) shuts it down, and the next module starts it again."""
     import ray
 
     from pipeline.ray_utils import init_ray
 
     if not ray.is_initialized():
-        init_ray(temp_dir=tmp_path_factory.mktemp("ray"))
+        init_ray()
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture
