@@ -3,7 +3,7 @@
 NARVL: one encoder pass, one decoder pass, argmax per query and the CTC collapse, all as tensor ops on the
 model's device: the result is padded token ids (B, N) and lengths (B,), and the host waits only when it reads
 them. AR baseline: greedy and beam search with a static KV cache (preallocated to max_len + 1 positions, written
-at a position tensor with index_copy_, attention over the whole cache with the causal bias masking the unwritten
+at a position tensor, attention over the whole cache with the causal bias masking the unwritten
 tail, exp(-inf) = 0), cache rows reordered in place, and the beam bookkeeping in tensors.
 
 Every searcher keeps all of its state in tensors allocated once (inputs included) and exposes steps that take no
@@ -347,7 +347,8 @@ class StaticBeamSearch(_StaticAR):
         rows = (self.base + beam.gather(1, j)).view(-1)  # (R,)
         prev = tok.gather(1, j).view(-1)
         self.scores.copy_(scores)
-        self.hist.copy_(self.hist.index_select(0, rows).index_copy(1, t, prev[:, None]))
+        at = torch.arange(self.hist.shape[1], device=t.device).eq(t)  # (T,): written with a select, see model.py
+        self.hist.copy_(torch.where(at, prev[:, None], self.hist.index_select(0, rows)))
         self.prev.copy_(prev)
         for cache in self.caches:  # in place: the cache keeps its address
             cache.k.copy_(cache.k.index_select(0, rows))

@@ -231,8 +231,11 @@ class TransformerLayer(nn.Module):
         attn = self.self_attn
         q, k, v = attn.split(attn.q_proj(h)), *attn.project_kv(h)
         if isinstance(step, Tensor):  # static shapes (narvl_model/inference.py): step is a (1,) position tensor
-            cache.k.index_copy_(2, step, k)  # x holds one position; the bias masks the unwritten tail (-inf)
-            cache.v.index_copy_(2, step, v)
+            # x holds one position; the bias masks the unwritten tail (-inf). A select, not index_copy_: inductor
+            # (torch 2.13) miscompiles index_copy_ followed by the in-place beam reorder of the same buffer.
+            at = torch.arange(cache.k.shape[2], device=step.device).eq(step)[:, None]  # (T_max, 1)
+            cache.k.copy_(torch.where(at, k, cache.k))
+            cache.v.copy_(torch.where(at, v, cache.v))
             k, v = cache.k, cache.v
         elif cache is not None:
             t = x.shape[1]
