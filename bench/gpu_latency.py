@@ -2,13 +2,14 @@
 the targets of issue 15 (paper section 4.1 / table 1 speed-ups, table 10 query scaling).
 
     python3 -m bench.gpu_latency --preset base                       # a GPU, bf16: what bench/gpu_check.sh runs
-    python3 -m bench.gpu_latency --preset cpu-small --tasks caption --modes eager compile --iters 5   # CPU
+    python3 -m bench.gpu_latency --preset cpu-small --tasks caption --sections latency   # CPU: eager vs compile
 
 Prints (b) batch-1 latency per task (AR beam 5, AR greedy, NARVL; one row per mode; mean / p50 / p90 ms and
 speed-ups), with one raw encoder pass and one raw decoder pass for the overhead target; (c) NARVL latency vs the
 number of queries; (d) batched throughput; then PASS/FAIL per target (ratios first, they carry across GPUs).
 Modes: eager; cuda-graph (the eager kernels captured once by hand and replayed); reduce-overhead
-(torch.compile with CUDA graphs); compile (torch.compile, default mode: the CPU variant).
+(torch.compile with CUDA graphs); compile (torch.compile, default mode: the CPU variant). The torch.compile
+modes run last and only for --inductor-tasks (captioning by default): each variant compiles for a minute or more.
 
 Random weights. The AR searches are forced to the task's output length (EOS banned before max_len, as in
 bench/model_latency.py) and run without early-stop checks, so every mode does the same number of steps; beam
@@ -173,21 +174,21 @@ class Bench:
         return build_encoder, build_decoder
 
 
-def latency_table(b: Bench, budget: Budget, results: dict) -> None:
+def latency_table(b: Bench, budget: Budget, results: dict, modes: list[str], tasks: list[str], title: str) -> None:
+    """Rows per task and mode; then each compiled mode's speed-up over eager (when eager was measured)."""
     args, dev = b.args, b.device
-    print(f"\n(b) batch-1 latency, preset {args.preset} ({count_parameters(b.ar) / 1e6:.0f}M parameters, "
-          f"{b.size} px, vocab {b.cfg.vocab_size}, {str(b.dtype).removeprefix('torch.')}), {args.iters} timed "
-          f"calls after warm-up")
+    print(f"\n{title}, preset {args.preset} ({count_parameters(b.ar) / 1e6:.0f}M parameters, {b.size} px, "
+          f"vocab {b.cfg.vocab_size}, {str(b.dtype).removeprefix('torch.')}), {args.iters} timed calls after warm-up")
     print(f"  {'task / method / mode':<34} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9}  speed-ups of this row")
-    for task in args.tasks:
+    for task in tasks:
         max_len, n, s = TASKS[task]
         print(f"  -- {task}: AR {max_len} tokens + eos, NARVL {n} queries, prompt {s} tokens")
         res = results.setdefault(task, {})
-        if "eager" in args.modes:
+        if "eager" in modes:
             ms = measure("AR beam 5 search.py", b.beam_reference(task), args.iters, dev, budget, warmup=1)
             res["beam5_search_py"] = mean_of(ms)
             row("AR beam 5 (search.py) eager", ms)
-        for mode in args.modes:
+        for mode in modes:
             beam = measure(f"{task} beam {mode}", b.beam(1, task, mode), args.iters, dev, budget)
             greedy = measure(f"{task} greedy {mode}", b.greedy(1, task, mode), args.iters, dev, budget)
             nar = measure(f"{task} NARVL {mode}", b.narvl(1, task, mode), args.iters, dev, budget)
@@ -196,17 +197,17 @@ def latency_table(b: Bench, budget: Budget, results: dict) -> None:
             dec = measure(f"{task} decoder {mode}", build_dec, args.iters, dev, budget)
             res[mode] = {k: mean_of(v) for k, v in
                          dict(beam5=beam, greedy=greedy, narvl=nar, encoder=enc, decoder=dec).items()}
-            res[mode]["p50"] = {k: summary(v)[1] for k, v in dict(beam5=beam, greedy=greedy, narvl=nar).items() if v}
-            ref = {"vs beam5": mean_of(beam), "vs greedy": mean_of(greedy)}
             row(f"AR beam 5 {mode}", beam)
             row(f"AR greedy {mode}", greedy, {"beam5/this": mean_of(beam)})
-            row(f"NARVL {mode}", nar, {"beam5/this": ref["vs beam5"], "greedy/this": ref["vs greedy"]})
+            row(f"NARVL {mode}", nar, {"beam5/this": mean_of(beam), "greedy/this": mean_of(greedy)})
             row(f"raw encoder pass {mode}", enc)
             row(f"raw decoder pass {mode}", dec)
-        for mode in args.modes[1:]:
-            e, c = res.get(args.modes[0], {}), res[mode]
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        for mode in (m for m in modes if m != "eager"):
+            e, c = res.get("eager", {}), res[mode]
             parts = [f"{k} {e[k] / c[k]:.2f}x" for k in ("beam5", "greedy", "narvl") if e.get(k) and c.get(k)]
-            print(f"  {mode} vs {args.modes[0]}: " + (", ".join(parts) or "-"))
+            print(f"  {mode} vs eager: " + (", ".join(parts) or "-"))
 
 
 def query_sweep(b: Bench, budget: Budget, results: dict) -> None:
@@ -298,6 +299,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--modes", nargs="+", default=["eager", "cuda-graph", "reduce-overhead"] if cuda
                     else ["eager", "compile"], help="the first is the reference for the compiled-vs-eager ratios")
+    ap.add_argument("--inductor-tasks", nargs="+", default=["caption"], choices=list(TASKS),
+                    help="tasks timed with the torch.compile modes (each compile takes a minute or more)")
     ap.add_argument("--sweep-modes", nargs="+", default=["eager", "cuda-graph"] if cuda else ["eager"])
     ap.add_argument("--throughput-mode", default="cuda-graph" if cuda else "eager")
     ap.add_argument("--queries", type=int, nargs="+", default=[10, 20, 100, 500, 1000])
@@ -323,12 +326,17 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; modes {args.modes}")
     budget, b, results = Budget(args.budget_s), Bench(args, device, dtype), {}
     with torch.no_grad():
+        cheap = [m for m in args.modes if m in ("eager", "cuda-graph")]
+        inductor = [m for m in args.modes if m not in cheap]
         if "latency" in args.sections:
-            latency_table(b, budget, results)
+            latency_table(b, budget, results, cheap, args.tasks, "(b) batch-1 latency")
         if "queries" in args.sections:
             query_sweep(b, budget, results)
         if "throughput" in args.sections:
             throughput(b, budget, results)
+        if "latency" in args.sections and inductor:  # last: compiling is the slow part
+            latency_table(b, budget, results, inductor, [t for t in args.tasks if t in args.inductor_tasks],
+                          "(b, continued) batch-1 latency with torch.compile")
     print("\ntargets (issue 15)")
     checks = targets(b, results)
     for label, ok, figs in checks:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 GPU_OVERRIDES = ["train_teacher.use_gpu=true", "train_nar.use_gpu=true", "train_teacher.precision=bf16",
                  "train_nar.precision=bf16", "train_teacher.zero_stage=2", "train_nar.zero_stage=2"]
+CPU_OVERRIDES = ["train_teacher.zero_stage=2", "train_nar.zero_stage=2"]  # --cpu: a dry run of this script
 NARVL = [sys.executable, "-c", "from pipeline.cli import app; app()"]
 
 
@@ -54,10 +55,12 @@ def main() -> None:
     ap.add_argument("--task", default="caption")
     ap.add_argument("--timeout-s", type=float, default=300, help="per pipeline run")
     ap.add_argument("--skip-resume", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="train on the CPU (to try this script without a GPU)")
     ap.add_argument("overrides", nargs="*", help="extra dotted config overrides")
     args = ap.parse_args()
     base = NARVL + ["run", "--profile", "smoke", "--tasks", args.task, "--root", str(args.root)]
-    overrides = GPU_OVERRIDES + args.overrides
+    overrides = (CPU_OVERRIDES if args.cpu else GPU_OVERRIDES) + args.overrides
+    where = "CPU" if args.cpu else "GPU"
     results = []
 
     t0 = time.time()
@@ -70,7 +73,7 @@ def main() -> None:
         figs = (f"loss {first:.3f} -> {final:.3f} in {m.get('steps')} steps, {m.get('precision')}, "
                 f"ZeRO {m.get('zero_stage')}, world size {m.get('world_size')}" if first is not None else
                 f"no metrics.json (exit {rc})")
-        verdict(ok, f"{stage} on the GPU: the loss fell", figs)
+        verdict(ok, f"{stage} on the {where}: the loss fell", figs)
         results.append(ok)
 
     if args.skip_resume or rc != 0:
