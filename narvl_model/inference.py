@@ -111,14 +111,10 @@ class NARVLRunner:
         self.model, self.cfg = model, cfg
         self.image = torch.zeros(batch, 3, image_size, image_size, dtype=p.dtype, device=p.device)
         self.src = torch.full((batch, src_len), cfg.pad_id, dtype=torch.long, device=p.device)
-        n = cfg.num_queries if cfg.decoder_input == "queries" else None
-        self.tokens: Tensor | None = None
+        with torch.no_grad():  # outputs: one per query, or per encoder token for decoder_input="encoder"
+            n = cfg.num_queries if cfg.decoder_input == "queries" else model(self.image, self.src).shape[1]
+        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=p.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)
-        if n is not None:
-            self.tokens = torch.zeros(batch, n, dtype=torch.long, device=p.device)
-        else:  # the output length is the encoder's: run once to learn it
-            with torch.no_grad():
-                self.tokens = torch.zeros(model(self.image, self.src).shape[:2], dtype=torch.long, device=p.device)
         self.logits = None  # (B, N, V) float, the last call's logits when record_logits (for tests)
         if record_logits:
             self.logits = torch.zeros(*self.tokens.shape, cfg.vocab_size, device=p.device)

@@ -111,6 +111,12 @@ def test_narvl_runner_equals_ctc_greedy():
     assert padded_to_lists(tokens, lengths) == ctc_greedy(logits, V - 1, nar.cfg.eos_id)
     assert tokens.device == image.device and lengths.shape == (B,)
 
+    enc_input = NARVLModel.from_ar(tiny_models(0)[0], 12, decoder_input="encoder").eval()  # tables 6-7 ablation
+    tokens, lengths = NARVLRunner(enc_input, B, SIZE, S)(image, src)
+    with torch.no_grad():
+        assert padded_to_lists(tokens, lengths) == ctc_greedy(enc_input(image, src), V - 1, nar.cfg.eos_id)
+    assert tokens.shape == (B, (SIZE // 16) ** 2 + S)
+
 
 def test_unknown_mode_is_an_error():
     ar, _, _, _ = tiny_models(0)
