@@ -4,7 +4,8 @@
 Tolerances: CPU fp32, compiled vs eager logits atol = rtol = 1e-4 (inductor reorders reductions); static-cache vs
 growing-cache logits atol = rtol = 1e-5 (attention over the masked full cache sums the same terms plus zeros).
 CUDA bf16: compiled vs eager logits atol = rtol = 5e-2 (bf16 keeps 8 significant bits and inductor fuses
-differently); a hand-captured CUDA graph replays the eager kernels, so its tokens and logits equal eager's exactly.
+differently); a hand-captured CUDA graph replays the eager kernels: tokens equal, logits atol = rtol = 1e-2.
+CUDA fp32 (TF32 off): compiled and captured searches give search.py's and ctc_greedy's tokens.
 
 Time on a 2-core CPU: about 3-4 minutes, almost all of it compiling (one beam, one greedy, one NARVL variant).
 """
@@ -168,9 +169,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("mode", ["reduce-overhead", "cuda-graph"])
-def test_cuda_fp32_searches_equal_reference(mode):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_cuda_fp32_searches_equal_reference(mode, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     ar, nar, image, src = tiny_models(0, eos_boost=1.5, device="cuda")
     beam = StaticBeamSearch(ar, B, SIZE, S, 5, MAX_LEN, 1.0, 3, mode=mode)
     greedy = StaticGreedySearch(ar, B, SIZE, S, MAX_LEN, mode=mode)
@@ -191,8 +192,8 @@ def test_cuda_bf16_compiled_and_graphs_match_eager():
                  lambda mode: NARVLRunner(nar, B, SIZE, S, mode=mode, record_logits=True)):
         eager, graph, compiled = make("eager"), make("cuda-graph"), make("reduce-overhead")
         ref = padded_to_lists(*eager(image, src))
-        assert padded_to_lists(*graph(image, src)) == ref  # the same kernels replayed: bitwise equal
-        torch.testing.assert_close(graph.logits, eager.logits, atol=0, rtol=0)
+        assert padded_to_lists(*graph(image, src)) == ref  # the eager kernels, replayed
+        torch.testing.assert_close(graph.logits, eager.logits, atol=1e-2, rtol=1e-2)
         compiled(image, src)
         first = slice(None) if isinstance(eager, NARVLRunner) else 0  # AR: later steps follow the chosen tokens
         torch.testing.assert_close(compiled.logits[first], eager.logits[first], atol=5e-2, rtol=5e-2)
