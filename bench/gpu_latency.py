@@ -106,7 +106,7 @@ class Bench:
 
     def nar(self, n: int) -> NARVLModel:
         if n not in self._nar:
-            self._nar[n] = NARVLModel.from_ar(self.ar, n).eval()
+            self._nar[n] = NARVLModel.from_ar(self.ar, n).to(self.dtype).eval()  # from_ar builds in fp32
         return self._nar[n]
 
     # variants: each returns a builder of a no-argument callable that ends with the result on the host

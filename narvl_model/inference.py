@@ -68,7 +68,7 @@ def compile_step(fn: Callable[[], None], mode: str, reset: Callable[[], None] | 
     if mode == "eager":
         return fn
     if mode in ("compile", "reduce-overhead"):
-        compiled = torch.compile(fn, mode=None if mode == "compile" else mode, fullgraph=True)
+        compiled = torch.compile(fn, mode=None if mode == "compile" else mode, fullgraph=True, dynamic=False)
         if mode == "compile":
             return compiled
 
