@@ -272,12 +272,19 @@ class TransformerLayer(nn.Module):
         return x + drop_path(branch, self.drop_path, self.training)
 
     def forward(self, x: Tensor, self_bias: Tensor | None, memory: Tensor | None = None,
-                cross_bias: Tensor | None = None, cache: LayerCache | None = None, step: int = 0) -> Tensor:
+                cross_bias: Tensor | None = None, cache: LayerCache | None = None, step: int | Tensor = 0) -> Tensor:
         """x (B, T, D); memory (B, L, D) encoder states; with a cache, x holds positions step..step+T-1."""
         h = self.self_attn_layer_norm(x)
         attn = self.self_attn
         q, k, v = attn.split(attn.q_proj(h)), *attn.project_kv(h)
-        if cache is not None:
+        if isinstance(step, Tensor):  # static shapes (narvl_model/inference.py): step is a (1,) position tensor
+            # x holds one position; the bias masks the unwritten tail (-inf). A select, not index_copy_: inductor
+            # (torch 2.13) miscompiles index_copy_ followed by the in-place beam reorder of the same buffer.
+            at = torch.arange(cache.k.shape[2], device=step.device).eq(step)[:, None]  # (T_max, 1)
+            cache.k.copy_(torch.where(at, k, cache.k))
+            cache.v.copy_(torch.where(at, v, cache.v))
+            k, v = cache.k, cache.v
+        elif cache is not None:
             t = x.shape[1]
             cache.k[:, :, step:step + t] = k
             cache.v[:, :, step:step + t] = v
