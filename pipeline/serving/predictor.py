@@ -88,11 +88,12 @@ class Predictor:
         max_len: longest AR output, in tokens.
         device: "auto" (cuda when available), "cpu" or "cuda".
         max_image_bytes: larger images are refused (413).
+        nar_loss: "qctc" or "ce" (how a NARVL model is read); default: from the train_nar folder's metrics.json.
     """
 
     def __init__(self, model_dir: str | Path, tokenizer_dir: str | Path, *, ar_decode: Literal["beam", "greedy"] =
                  "beam", beam_size: int = 5, max_len: int = 24, device: str = "auto",
-                 max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
+                 max_image_bytes: int = MAX_IMAGE_BYTES, nar_loss: str | None = None) -> None:
         from narvl_model.checkpoint import load_model
         from narvl_model.tokenizer import Tokenizer
         from stages.evaluate import nar_loss_of, pick_device
@@ -109,8 +110,10 @@ class Predictor:
             raise ValueError(f"{tokenizer_dir}: tokenizer vocabulary {self.tokenizer.vocab_size} != the model's "
                              f"{cfg.vocab_size} ({ckpt}); pass the tokenizer the model was trained with")
         # a CE-trained NARVL baseline is read position-wise; its train_nar folder records the loss
-        self.nar_loss = nar_loss_of(ckpt.parent if ckpt.name == "checkpoint" else ckpt) if self.kind == "narvl" \
-            else "ce"
+        if self.kind == "ar":
+            self.nar_loss = "ce"
+        else:
+            self.nar_loss = nar_loss or nar_loss_of(ckpt.parent if ckpt.name == "checkpoint" else ckpt)
         self.ar_decode, self.beam_size, self.max_len = ar_decode, beam_size, max_len
         self.max_image_bytes = max_image_bytes
 
