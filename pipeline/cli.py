@@ -346,5 +346,32 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep Y
     print(f"sweep results: {result['dir']}")
 
 
+@app.command()
+def serve(model: Annotated[str, typer.Argument(help="a train_teacher/train_nar output (or its checkpoint/), or an "
+                                               "MLflow model URI (runs:/<id>/model, models:/<name>/<version>)")],
+          tokenizer: Annotated[Path | None, typer.Option(help="prepare_data's tokenizer/ folder")] = None,
+          config: Annotated[Path | None, typer.Option("--config", "-c", help="a YAML of serve options")] = None,
+          options: Annotated[list[str] | None, typer.Argument(help="serve options, e.g. max_batch_size=32 "
+                                                               "num_gpus=1 ar_decode=greedy port=8080")] = None,
+          address: Annotated[str | None, typer.Option(help="join a Ray cluster (or RAY_ADDRESS)")] = None) -> None:
+    """Serve a trained model over HTTP on Ray Serve (POST /v1/<task>, GET /healthz), with dynamic batching."""
+    import yaml
+    from pydantic import ValidationError
+
+    from pipeline.serving.app import ServeConfig, config_from_file, serve_forever
+
+    try:
+        fields: dict[str, Any] = config_from_file(config) if config else {}
+        for item in options or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"option {item!r}: expected key=value (a ServeConfig field)")
+            fields[key] = yaml.safe_load(value)
+        cfg = ServeConfig(**{**fields, "model": model, **({"tokenizer": str(tokenizer)} if tokenizer else {})})
+    except (ValidationError, ValueError, OSError) as e:
+        raise _err(f"serve: {e}") from None
+    serve_forever(cfg, ray_address=address)
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()

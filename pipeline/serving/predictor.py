@@ -141,7 +141,8 @@ class Predictor:
                 size = img.size
             pixels = decode_image(bytes(image), self.model.cfg.image_size, "field 'image'")
         except (DataError, OSError, Image.DecompressionBombError) as e:
-            raise RequestError(f"field 'image': not a readable image ({e})") from e
+            raise RequestError(f"field 'image': {len(image)} bytes that are not a readable PNG/JPEG image "
+                               f"({type(e).__name__})") from e
         tok = self.tokenizer
         prompt = task_prompt(task, fields)
         src = [tok.bos_id, *tok.encode(prompt)[: self.model.cfg.max_source_positions - 2], tok.eos_id]

@@ -25,7 +25,7 @@ def smoke_samples(n_per_task: int, image_size: int, seed: int = 0) -> list[tuple
 
 
 def train_smoke_models(out: str | Path, *, preset: str = "cpu-nano", n_per_task: int = 24, ar_steps: int = 150,
-                       nar_steps: int = 150, num_queries: int = 24, batch_size: int = 16, seed: int = 0
+                       nar_steps: int = 150, num_queries: int = 12, batch_size: int = 16, seed: int = 0
                        ) -> dict[str, Path]:
     """Train and save the pair; returns {"tokenizer", "ar", "narvl"} folders under `out`."""
     from narvl_model.checkpoint import save_model
