@@ -194,8 +194,8 @@ def main() -> None:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['kind']:>10} | {r['concurrency']:>4} | {r['p50_ms']:>8.1f} | {r['p90_ms']:>8.1f} | "
-                     f"{r['p99_ms']:>8.1f} | {r['throughput_rps']:>7.1f} | {r['model_p50_ms']:>12.1f} | {r['mean_batch']:>10.2f} | "
-                     f"{r['max_batch']:>9} | {r['errors']:>6}")
+                     f"{r['p99_ms']:>8.1f} | {r['throughput_rps']:>7.1f} | {r['model_p50_ms']:>12.1f} | "
+                     f"{r['mean_batch']:>10.2f} | {r['max_batch']:>9} | {r['errors']:>6}")
     label = device_label()
     print(f"\nserve load test on {label}: tasks {','.join(tasks)}, max_batch_size {args.max_batch_size}, "
           f"batch_wait_timeout_s {args.batch_wait}, {args.requests} requests per row\n")
