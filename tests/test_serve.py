@@ -187,7 +187,7 @@ def test_pyfunc_model_predicts_the_same_as_the_served_model(server, models, tmp_
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from pipeline.serving.mlflow_model import log_model
+    from pipeline.serving.mlflow_model import download, log_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -213,12 +213,16 @@ def test_pyfunc_model_predicts_the_same_as_the_served_model(server, models, tmp_
         frame = pd.DataFrame([{"task": r["task"], "image": base64.b64encode(r["image"]).decode(), "text": r["text"],
                                "premise": r["premise"]} for r in reqs])
         out = model.predict(frame)
+        ckpt, tokenizer, nar_loss = download(model_uri)  # what `narvl serve runs:/<id>/model` loads
+        from_uri = Predictor(ckpt, tokenizer, nar_loss=nar_loss, device="cpu").predict(reqs)
     finally:
         mlflow.set_tracking_uri(previous)
     assert len(out) == len(reqs)
     for req, (_, row) in zip(reqs, out.iterrows(), strict=True):
         served = _post(server, req).json()
         _same({"text": row["text"], "box": json.loads(row["box"])}, served)
+    for answer, (_, row) in zip(from_uri, out.iterrows(), strict=True):
+        _same(answer, {"text": row["text"], "box": json.loads(row["box"])})
 
 
 def test_serve_config_refuses_batches_that_cannot_fill(tmp_path):
@@ -232,3 +236,15 @@ def test_serve_config_refuses_batches_that_cannot_fill(tmp_path):
         ServeConfig(model=str(tmp_path))
     cfg = ServeConfig(model="runs:/abc/model")
     assert cfg.host == "127.0.0.1" and cfg.ongoing == 2 * cfg.max_batch_size
+
+
+def test_cli_serve_refuses_a_bad_option_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["serve", str(tmp_path), "--tokenizer", str(tmp_path), "max_batch_size=8",
+                                   "max_ongoing_requests=4"])
+    assert res.exit_code == 2 and "must exceed max_batch_size" in res.output
+    res = CliRunner().invoke(app, ["serve", str(tmp_path), "--tokenizer", str(tmp_path), "batch_size"])
+    assert res.exit_code == 2 and "expected key=value" in res.output
