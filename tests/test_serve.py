@@ -248,3 +248,31 @@ def test_cli_serve_refuses_a_bad_option_before_starting_anything(tmp_path):
     assert res.exit_code == 2 and "must exceed max_batch_size" in res.output
     res = CliRunner().invoke(app, ["serve", str(tmp_path), "--tokenizer", str(tmp_path), "batch_size"])
     assert res.exit_code == 2 and "expected key=value" in res.output
+
+
+def test_ar_predictor_decodes_with_beam_or_greedy_search_as_configured(models):
+    import torch
+
+    from narvl_model.search import beam_search, greedy_search
+    from stages.shards import _pad
+
+    reqs = [r for r in _requests(2) if r["task"] in ("vqa", "grounding")]
+    for decode, search in (("greedy", lambda m, i, s: greedy_search(m, i, s, 24)),
+                           ("beam", lambda m, i, s: beam_search(m, i, s, 5, 24))):
+        p = Predictor(models["ar"], models["tokenizer"], ar_decode=decode, device="cpu")
+        assert p.kind == "ar" and p.decoding == ("ar-greedy" if decode == "greedy" else "ar-beam5")
+        answers = p.predict(reqs)
+        for req, answer in zip(reqs, answers, strict=True):
+            item = p.prepare(req["task"], req["image"], req["text"])
+            ids = search(p.model, torch.from_numpy(item.image)[None], _pad([item.src], p.tokenizer.pad_id))[0]
+            assert answer["text"] == p.tokenizer.decode(ids).strip()
+
+
+def test_predictor_refuses_a_folder_without_weights_and_a_foreign_tokenizer(models, tmp_path):
+    from narvl_model.tokenizer import Tokenizer
+
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Predictor(tmp_path, models["tokenizer"])
+    Tokenizer.train(["a b c"], vocab_size=40, num_bins=4).save(tmp_path / "tok")
+    with pytest.raises(ValueError, match="tokenizer vocabulary"):
+        Predictor(models["narvl"], tmp_path / "tok")
