@@ -414,3 +414,31 @@ def _job_address(address: str) -> str:
     if not found.startswith("http"):
         raise _err("give the cluster's job server: --address http://HEAD:8265")
     return found
+
+
+@app.command()
+def serve(model: Annotated[str, typer.Argument(help="a train_teacher/train_nar output (or its checkpoint/), or an "
+                                               "MLflow model URI (runs:/<id>/model, models:/<name>/<version>)")],
+          tokenizer: Annotated[Path | None, typer.Option(help="prepare_data's tokenizer/ folder")] = None,
+          config: Annotated[Path | None, typer.Option("--config", "-c", help="a YAML of serve options")] = None,
+          options: Annotated[list[str] | None, typer.Argument(help="serve options, e.g. max_batch_size=32 "
+                                                               "num_gpus=1 ar_decode=greedy port=8080")] = None,
+          address: AddressOpt = None) -> None:
+    """Serve a trained model over HTTP on Ray Serve (POST /v1/<task>, GET /healthz), with dynamic batching."""
+    import yaml
+    from pydantic import ValidationError
+
+    from pipeline.serving.app import ServeConfig, config_from_file, serve_forever
+
+    try:
+        fields: dict[str, Any] = config_from_file(config) if config else {}
+        for item in options or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"option {item!r}: expected key=value (a ServeConfig field)")
+            fields[key] = yaml.safe_load(value)
+        cfg = ServeConfig(**{**fields, "model": model, **({"tokenizer": str(tokenizer)} if tokenizer else {})})
+    except (ValidationError, ValueError, OSError) as e:
+        raise _err(f"serve: {e}") from None
+    serve_forever(cfg, ray_address=address)
+

@@ -227,7 +227,6 @@ def test_a_root_one_node_cannot_reach_is_refused(first_run, cluster):
 def test_losing_the_training_node_resumes_on_the_other(first_run, cluster, tmp_path):
     """train_teacher (1 worker, needs `trainer`, which both nodes have) loses its node after its first checkpoint:
     Ray retries the task on the other node, which resumes from the checkpoint in the bucket."""
-    import ray
     from ray.util.state import list_tasks
 
     from pipeline.dag import build_graph, run_pipeline
