@@ -75,6 +75,8 @@ class PipelineConfig(Strict):
     # the same ablations for every task, or per task: {caption: [ce_no_kd, no_kd], vqa: [no_kd]}
     ablations: list[Ablation] | dict[Task, list[Ablation]] = Field(default_factory=list)
     resources: ResourcesConfig = ResourcesConfig()
+    log_models: bool = Field(True, description="log each trained model to its MLflow run as a pyfunc model "
+                             "(`narvl serve runs:/<id>/model`, the model registry); a few seconds per model")
     # the teacher starts from OFA's weights (the paper's recipe); NARVL then starts from the fine-tuned teacher
     init_from: OFAInit | None = None
 

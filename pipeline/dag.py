@@ -228,7 +228,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, *, address: str | None =
     git = git or git_info()
     tracker = Tracker(storage, tracking_uri, cfg.name)
     executor = Executor(storage, tracker, address=address, max_concurrent=cfg.resources.max_concurrent_tasks,
-                        poll_s=poll_s)
+                        poll_s=poll_s, log_models=cfg.log_models)
     previous_sigterm = _interrupt_on_sigterm()
     common_tags = {"profile": cfg.profile, "name": cfg.name}
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -586,8 +586,9 @@ class Executor:
     """Plans are executed here: one Ray session, one artifact root, one MLflow tracker (the only writer)."""
 
     def __init__(self, storage: Storage, tracker: Any, *, address: str | None = None,
-                 max_concurrent: int = 2, poll_s: float = 0.5) -> None:
+                 max_concurrent: int = 2, poll_s: float = 0.5, log_models: bool = False) -> None:
         self.storage, self.tracker, self.address = storage, tracker, address
+        self.log_models = log_models
         self.max_concurrent, self.poll_s = max_concurrent, poll_s
         self.sink: Any = None
         self._started_ray = False
@@ -697,7 +698,7 @@ class Executor:
                 self.drain(statuses)
                 for ref in done:
                     i = running.pop(ref)
-                    self._finish(ref, graph.nodes[i], statuses[i])
+                    self._finish(ref, graph.nodes[i], statuses[i], statuses)
                 if on_update:
                     on_update(list(statuses.values()))
         except BaseException:
@@ -760,7 +761,7 @@ class Executor:
         for run_id, records in metrics.items():
             self.tracker.log_metrics(run_id, records)
 
-    def _finish(self, ref: Any, node: Any, st: NodeStatus) -> None:
+    def _finish(self, ref: Any, node: Any, st: NodeStatus, statuses: dict[str, NodeStatus]) -> None:
         import ray
 
         try:
@@ -773,8 +774,29 @@ class Executor:
         if st.state == "succeeded" and st.total:
             st.step = st.total
         folder = self.view(st.rel) if st.rel else None
+        if st.state == "succeeded" and self.log_models and node.stage in TRAINING_STAGES:
+            self._log_model(node, st, statuses)
         self.tracker.finish_child(st.run_id, folder, node.cfg.model_dump(mode="json"),
                                   "FINISHED" if st.state == "succeeded" else "FAILED")
+
+    def _log_model(self, node: Any, st: NodeStatus, statuses: dict[str, NodeStatus]) -> None:
+        """The trained model as an MLflow pyfunc model in its stage's run; a failure is logged, never fatal."""
+        from pipeline.serving.mlflow_model import log_model
+
+        data = statuses[node.upstream_id(node.inputs["data"])]
+        try:
+            with tempfile.TemporaryDirectory(prefix="narvl-model-") as tmp:
+                if self.storage.remote:
+                    model_dir, tokenizer = Path(tmp) / "checkpoint", Path(tmp) / "tokenizer"
+                    self.storage.download_dir(f"{st.rel}/checkpoint", model_dir)
+                    self.storage.download_dir(f"{data.rel}/tokenizer", tokenizer)
+                else:
+                    model_dir = self.storage.local(st.rel) / "checkpoint"
+                    tokenizer = self.storage.local(data.rel) / "tokenizer"
+                log_model(st.run_id, model_dir, tokenizer, "ar" if node.stage == "train_teacher" else "narvl",
+                          tracking_uri=self.tracker.uri)
+        except Exception as e:  # noqa: BLE001 - packaging is a convenience; the stage's result stands
+            self.tracker.client.set_tag(st.run_id, "model_logging_error", f"{type(e).__name__}: {e}"[:4000])
 
 
 def child_tags(node: Any, common: dict[str, str]) -> dict[str, str]:

@@ -124,7 +124,7 @@ def first_run(cluster, tmp_path_factory):
 
     c, _ = cluster
     tracking = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    cfg = load_config(profile="smoke", overrides=[*SMALL, *PINNED])
+    cfg = load_config(profile="smoke", overrides=[*SMALL, *PINNED, "log_models=true"])
     started = time.time()
     result = run_pipeline(cfg, f"s3://{BUCKET}/runs1", address=c.address, tracking_uri=tracking, poll_s=0.2)
     return cfg, tracking, result, time.time() - started
@@ -162,6 +162,11 @@ def test_smoke_on_three_nodes_with_an_s3_root(first_run, cluster):
     assert len(kids) == len(result.statuses)
     teacher = next(k for k in kids if k.data.tags["node"] == "train_teacher")
     assert len(client.get_metric_history(teacher.info.run_id, "loss")) >= 2
+    models = {m.source_run_id: m for m in client.search_logged_models([parent.info.experiment_id])}
+    for k in kids:  # the trained models, packaged for `narvl serve runs:/<id>/model` (from the bucket)
+        if k.data.tags["stage"] in ("train_teacher", "train_nar"):
+            assert "model_logging_error" not in k.data.tags, k.data.tags.get("model_logging_error")
+            assert str(models[k.info.run_id].status).endswith("READY") and models[k.info.run_id].name == "model"
     print(f"\nsmoke (vqa) on 3 nodes with an s3 root: {wall:.1f} s")
 
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from pipeline.serving.predictor import TASKS, Predictor
-from stages.common import ENTAILMENT_LABELS
+from stages.data.schema import ENTAILMENT_LABELS
 
 MAX_IMAGE_BYTES = 200_000
 
