@@ -8,7 +8,7 @@
 # ROOT (default ~/narvl-mlflow) holds the pid file, the log and, by default, the sqlite stores and artifacts.
 # Environment (all optional):
 #   MLFLOW_HOST=127.0.0.1  MLFLOW_PORT=5000  MLFLOW_WORKERS=1
-#   MLFLOW_BACKEND_STORE_URI   default sqlite:///ROOT/mlflow.db; on a cluster postgresql://user:pw@host:5432/mlflow
+#   MLFLOW_BACKEND_STORE_URI   default sqlite:///ROOT/mlflow.db; on a cluster postgresql+psycopg2://user:pw@host:5432/mlflow
 #   MLFLOW_ARTIFACTS_DESTINATION  default ROOT/mlartifacts; on a cluster s3://bucket/mlflow (the server, not the
 #                              clients, needs AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL)
 #   MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD   turn basic auth on (MLflow's basic-auth app); the
