@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+NARVL = [sys.executable, "-c", "from pipeline.cli import main; main()"]  # the `narvl` command, this interpreter
 SERVER = REPO / "infra" / "mlflow" / "server.sh"
 USER, PASSWORD = "narvl-test", "correct-horse-battery-7"
 
@@ -282,7 +283,7 @@ def test_smoke_pipeline_logs_through_the_server(auth_server, tmp_path):
     env.pop("MLFLOW_TRACKING_URI")
     env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--profile", "smoke", "--tasks", "caption",
+    proc = subprocess.run(NARVL + ["run", "--profile", "smoke", "--tasks", "caption",
                            "--root", str(root), "--tracking-uri", auth_server.url], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
