@@ -172,32 +172,29 @@ def test_refuses_public_bind_without_auth(tmp_path):
     assert not (tmp_path / "server.pid").exists()
 
 
-def test_server_restarts_on_the_same_store(tmp_path):
-    """stop, then start again on the same ROOT: the run is still there (sqlite store and artifacts persist),
-    and the auth app's CSRF key is reused rather than regenerated."""
-    port = _free_port()
-    server = Server(tmp_path / "root", port, _server_env(port, MLFLOW_AUTH_ADMIN_USERNAME=USER,
-                                                         MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORD))
-    server.start()
-    try:
-        proc = subprocess.run([sys.executable, "-c", LOG_RUN], cwd=tmp_path, env=_client_env(server.url, True),
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
-        key = (server.root / "flask_secret_key").read_text()
-        server.stop()
-        assert not (server.root / "server.pid").exists()
-        with socket.socket() as c, pytest.raises(OSError):
-            c.connect(("127.0.0.1", port))
-        server.start()
-        assert (server.root / "flask_secret_key").read_text() == key
-        probe = f"import mlflow; print(mlflow.MlflowClient().get_run('{run_id}').info.status)"
-        proc = subprocess.run([sys.executable, "-c", probe], env=_client_env(server.url, True), capture_output=True,
-                              text=True, timeout=120)
-        assert proc.stdout.strip() == "FINISHED", proc.stderr[-2000:]
-        assert list((server.root / "mlartifacts").rglob("report.md"))
-    finally:
-        server.stop()
+def test_server_restarts_on_the_same_store(auth_server, monkeypatch):
+    """stop, then start again on the same ROOT: the run is still there, the auth app's users too, and its CSRF
+    key is reused rather than regenerated."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(tracking_uri=auth_server.url)
+    exp = client.get_experiment_by_name("restart") or client.get_experiment(client.create_experiment("restart"))
+    run = client.create_run(exp.experiment_id)
+    client.log_metric(run.info.run_id, "loss", 0.5)
+    client.set_terminated(run.info.run_id)
+    key = (auth_server.root / "flask_secret_key").read_text()
+
+    auth_server.stop()
+    assert not (auth_server.root / "server.pid").exists()
+    with socket.socket() as c, pytest.raises(OSError):
+        c.connect(("127.0.0.1", auth_server.port))
+    auth_server.start()
+    assert (auth_server.root / "flask_secret_key").read_text() == key
+    again = client.get_run(run.info.run_id)  # the same credentials still work: the user store persisted
+    assert again.info.status == "FINISHED" and again.data.metrics["loss"] == 0.5
 
 
 # ---- Postgres backend (once, where PostgreSQL's binaries are installed) -------------------------------------
