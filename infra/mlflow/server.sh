@@ -10,7 +10,8 @@
 #   MLFLOW_HOST=127.0.0.1  MLFLOW_PORT=5000  MLFLOW_WORKERS=1
 #   MLFLOW_BACKEND_STORE_URI   default sqlite:///ROOT/mlflow.db; on a cluster postgresql+psycopg2://user:pw@host:5432/mlflow
 #   MLFLOW_ARTIFACTS_DESTINATION  default ROOT/mlartifacts; on a cluster s3://bucket/mlflow (the server, not the
-#                              clients, needs AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL)
+#                              clients, needs AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, and
+#                              MLFLOW_S3_ENDPOINT_URL for an S3-compatible store)
 #   MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD   turn basic auth on (MLflow's basic-auth app); the
 #                              admin is created on first start. Clients: MLFLOW_TRACKING_USERNAME / _PASSWORD.
 #   MLFLOW_FLASK_SERVER_SECRET_KEY   the auth app's CSRF key (same on every replica); default: generated once
@@ -81,5 +82,5 @@ case "$cmd" in
   health)
     healthy ;;
   *)
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
