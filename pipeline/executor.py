@@ -555,6 +555,16 @@ def _probe_storage(storage: Storage, token: str) -> str | None:
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
+def driver_actor(cls: type, **options: Any) -> Any:
+    """An actor of the driver's own (no CPU), kept on the driver's node: losing a worker node never loses it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ray.remote(num_cpus=0)(cls).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), **options).remote()
+
+
 @dataclass
 class NodeStatus:
     id: str
@@ -610,7 +620,7 @@ class Executor:
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             if self.storage.remote or len(nodes) > 1:
                 check_storage_on_nodes(self.storage, env)
-            self.sink = ray.remote(num_cpus=0)(LogSink).remote()
+            self.sink = driver_actor(LogSink)
 
     def shutdown(self) -> None:
         import ray

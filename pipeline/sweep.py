@@ -169,7 +169,7 @@ def run_sweep(scfg: SweepConfig, root: str | Path, *, address: str | None = None
     from ray import tune
 
     from pipeline.cache import git_info
-    from pipeline.executor import Executor
+    from pipeline.executor import Executor, driver_actor
     from pipeline.storage import Storage
     from pipeline.tracking import Tracker
 
@@ -191,7 +191,7 @@ def run_sweep(scfg: SweepConfig, root: str | Path, *, address: str | None = None
             _nodes(pipeline_for(scfg, task), PREFIX, executor, {"profile": base.profile, "sweep": scfg.name}, git)
         executor.ensure_ray()
         name, namespace = f"narvl-sweep-{uuid.uuid4().hex[:8]}", ray.get_runtime_context().namespace
-        broker = ray.remote(num_cpus=0)(TrialBroker).options(name=name, namespace=namespace).remote()
+        broker = driver_actor(TrialBroker, name=name, namespace=namespace)
         grid = [{"task": t, "num_queries": n} for t, values in scfg.num_queries.items() for n in values]
         tuner = tune.Tuner(
             tune.with_resources(_trial, {"cpu": 0.01}),  # a trial only waits: its nodes take the resources

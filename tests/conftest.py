@@ -12,6 +12,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # every Ray node the tests start (a local Ray, a multi-node cluster) resolves its address to 127.0.0.1
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray Train / Tune progress bars would replace builtins.print in this process (a test pickles print)
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -133,8 +133,8 @@ def _candidates(info: Any, value: Any) -> list[Any]:
         return [value * 0.5 + 0.01, value + 0.05, value * 1.5 + 0.01]
     if isinstance(value, str):
         return [value + "x"]
-    if value is None:
-        return [3, 0.5, "x", 0]
+    if value is None:  # an optional number, text or section (init_from: any existing file stands for a checkpoint)
+        return [3, 0.5, "x", 0, {"ofa": __file__}]
     if isinstance(value, tuple):
         return [tuple(v * 0.5 if isinstance(v, float) else v + 1 for v in value)]
     if isinstance(value, list):

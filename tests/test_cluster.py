@@ -85,7 +85,7 @@ def cluster(s3, tmp_path_factory):
     nodes = {name: c.add_node(num_cpus=1, node_ip_address="127.0.0.1", env_vars=no_storage,
                               resources={name: 1, "trainer": 1}) for name in ("node_a", "node_b")}
     c.wait_for_nodes()
-    ray.init(address=c.address)  # the driver joins the cluster; the pipeline sees Ray already started
+    ray.init(address=c.address, log_to_driver=False)  # the driver joins; the pipeline finds Ray started
     yield c, nodes
     ray.shutdown()
     c.shutdown()

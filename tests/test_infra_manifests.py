@@ -21,7 +21,7 @@ import yaml
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parent.parent
-NARVL = [sys.executable, "-c", "from pipeline.cli import main; main()"]  # the `narvl` command, this interpreter
+NARVL = [sys.executable, "-m", "pipeline"]  # the `narvl` command, this interpreter
 K8S = REPO / "infra" / "k8s"
 RAY = REPO / "infra" / "ray"
 # ../shared/cluster-schemas beside the checkout (or beside a folder above it, for git worktrees)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-NARVL = [sys.executable, "-c", "from pipeline.cli import main; main()"]  # the `narvl` command, this interpreter
+NARVL = [sys.executable, "-m", "pipeline"]  # the `narvl` command, this interpreter
 SERVER = REPO / "infra" / "mlflow" / "server.sh"
 USER, PASSWORD = "narvl-test", "correct-horse-battery-7"
 

@@ -252,9 +252,9 @@ def test_cli_serve_refuses_a_bad_option_before_starting_anything(tmp_path):
 
 def test_ar_predictor_decodes_with_beam_or_greedy_search_as_configured(models):
     import torch
-    from stages.data.shards import _pad
 
     from narvl_model.search import beam_search, greedy_search
+    from stages.data.shards import _pad
 
     reqs = [r for r in _requests(2) if r["task"] in ("vqa", "grounding")]
     for decode, search in (("greedy", lambda m, i, s: greedy_search(m, i, s, 24)),

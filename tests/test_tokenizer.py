@@ -99,8 +99,7 @@ def test_ofa_bpe_dir_gives_ofa_ids(tmp_path):
     tok = Tokenizer.from_ofa_bpe_dir(ofa_sized_bpe_dir(tmp_path))
     # OFA's rows: 4 specials + 50,260 dict lines, <mask>, 8,192 codes, 1,000 bins (59,457); the CTC blank is extra
     assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 50264)
-    assert [tok.token(i) for i in (50264, 50265, 58456, 58457, 59456)] == \
-        ["<mask>", "<code_0>", "<code_8191>", "<bin_0>", "<bin_999>"]
+    assert (tok.first_code_id, tok.first_code_id + tok.num_codes - 1, tok.first_bin_id) == (50265, 58456, 58457)
     assert (tok.bin_id(0), tok.bin_id(999), tok.blank_id, tok.vocab_size) == (58457, 59456, 59457, 59458)
     assert tok.encode(" red circle <bin_999>") == [5, 4, 59456]
     for text in ("a red circle at <bin_12> <bin_999>", "two red circles", "<bin_0> <bin_1> <bin_2> <bin_3>"):
