@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 GPU_OVERRIDES = ["train_teacher.use_gpu=true", "train_nar.use_gpu=true", "train_teacher.precision=bf16",
-                 "train_nar.precision=bf16", "train_teacher.zero_stage=2", "train_nar.zero_stage=2"]
+                 "train_nar.precision=bf16", "train_teacher.zero_stage=2", "train_nar.zero_stage=2",
+                 # decoding stages on the GPU too (Ray hides GPUs from a task that asks for none)
+                 "resources.distill={cpus: 1, gpus: 0.5}", "resources.evaluate={cpus: 1, gpus: 0.5}",
+                 "resources.benchmark={cpus: 1, gpus: 0.5}", "benchmark.device=cuda"]
 CPU_OVERRIDES = ["train_teacher.zero_stage=2", "train_nar.zero_stage=2"]  # --cpu: a dry run of this script
 NARVL = [sys.executable, "-c", "from pipeline.cli import app; app()"]
 

@@ -352,14 +352,14 @@ def _fit_torch_trainer(job: Any, storage: Storage, rel: str, resources: StageRes
     from stages import train
 
     tc = train.stage_config(job).train
-    scaling = ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                            resources_per_worker=_ray_resources(worker_resources(resources, tc.use_gpu), True))
+    launch = training_launch(tc, resources)
+    scaling = ScalingConfig(num_workers=launch.workers, use_gpu=tc.use_gpu, resources_per_worker=launch.per_worker)
     local = tempfile.mkdtemp(prefix="narvl-raytrain-")  # Ray Train's own run state; checkpoints are in the store
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"job": job, "storage": storage, "rel": rel, "node_id": node_id, "sink": sink,
                            "spec": spec},
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=launch.backend),
         scaling_config=scaling,
         run_config=RunConfig(name=f"{Path(rel).name}-{int(time.time())}", storage_path=local,
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
@@ -452,6 +452,24 @@ def _iso(t: float) -> str:
 def worker_resources(res: StageResources, use_gpu: bool) -> StageResources:
     """A training worker's resources: at least one GPU when the training asks for GPUs."""
     return res.model_copy(update={"gpus": max(res.gpus, 1.0)}) if use_gpu and res.gpus < 1 else res
+
+
+@dataclass(frozen=True)
+class TrainingLaunch:
+    """How a training stage's workers are started, resolved from its config (inspectable without a GPU)."""
+
+    launcher: str  # "task": the loop in the stage's own Ray task; "ray_train": a TorchTrainer worker group
+    workers: int
+    backend: str  # torch.distributed: "nccl" on GPUs, "gloo" on CPUs
+    ds_accelerator: str  # DeepSpeed's accelerator, set in the workers' own environment: "cuda" | "cpu"
+    per_worker: dict[str, float]  # Ray resources of each worker
+
+
+def training_launch(tc: Any, resources: StageResources) -> TrainingLaunch:
+    res = worker_resources(resources, tc.use_gpu)
+    return TrainingLaunch(launcher="task" if tc.num_workers == 1 else "ray_train", workers=tc.num_workers,
+                          backend="nccl" if tc.use_gpu else "gloo", ds_accelerator="cuda" if tc.use_gpu else "cpu",
+                          per_worker=_ray_resources(res, train_worker=True))
 
 
 def _ray_resources(res: StageResources, train_worker: bool = False) -> dict[str, Any]:
@@ -747,7 +765,8 @@ class Executor:
             options = _ray_resources(res)
         # a lost node retries the task elsewhere; training resumes from its work store on the root
         retries = node.cfg.train.max_failures if training else 0
-        env = {"DS_ACCELERATOR": "cuda" if training and node.cfg.train.use_gpu else "cpu", **carried_env()}
+        accelerator = training_launch(node.cfg.train, res).ds_accelerator if training else "cpu"
+        env = {"DS_ACCELERATOR": accelerator, **carried_env()}
         st.state, st.started = "running", time.time()
         return remote.options(**options, max_retries=retries, name=node.id,
                               runtime_env={"env_vars": env}).remote(spec)

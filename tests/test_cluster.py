@@ -247,8 +247,14 @@ def test_losing_the_training_node_resumes_on_the_other(first_run, cluster, tmp_p
     cfg = load_config(profile="smoke", overrides=over)
     root = f"s3://{BUCKET}/runs1"
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=run_pipeline(
-        cfg, root, address=c.address, tracking_uri=tracking, only="train_teacher", poll_s=0.2)))
+    def drive() -> None:
+        try:
+            outcome["result"] = run_pipeline(cfg, root, address=c.address, tracking_uri=tracking,
+                                             only="train_teacher", poll_s=0.2)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = repr(e)
+
+    thread = threading.Thread(target=drive)
     thread.start()
     node = build_graph(cfg).nodes["vqa/train_teacher"]
     work = f"runs1/vqa/.work-train_teacher-{node.key[:12]}/ckpt/"
@@ -256,11 +262,19 @@ def test_losing_the_training_node_resumes_on_the_other(first_run, cluster, tmp_p
     while not any(k.endswith("train_state.json") for k in _keys(work)):
         assert time.time() < deadline and thread.is_alive(), "no checkpoint appeared"
         time.sleep(0.5)
-    running = [t for t in list_tasks(filters=[("name", "=", "vqa/train_teacher"), ("state", "=", "RUNNING")])]
-    assert running, "the training task is not running"
-    victim = _node_ids(c)[running[0].node_id]
-    c.remove_node(nodes[victim])
-    thread.join(timeout=400)
+    try:
+        victim = None
+        while victim is None:  # the state API can lag behind the task
+            running = list_tasks(filters=[("name", "=", "vqa/train_teacher"), ("state", "=", "RUNNING")])
+            if running:
+                victim = _node_ids(c)[running[0].node_id]
+            else:
+                assert time.time() < deadline and thread.is_alive(), "the training task is not seen running"
+                time.sleep(0.5)
+        c.remove_node(nodes[victim])
+    finally:
+        thread.join(timeout=400)
+    assert "result" in outcome, outcome
     result = outcome["result"]
     assert result.ok, [(f.id, f.error) for f in result.failures]
     metrics = json.loads(Storage(root).read_bytes(f"{result.statuses['vqa/train_teacher'].rel}/metrics.json"))

@@ -53,9 +53,15 @@ def shared_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_teacher(shared_data, tmp_path_factory, ray_session) -> Path:
+def shared_teacher(shared_data, tmp_path_factory) -> Path:
     if "teacher" not in _BUILT:
+        import ray
+
         from pipeline.executor import train_stage_on_ray
+        from pipeline.ray_utils import init_ray
+
+        if not ray.is_initialized():  # two Ray Train workers (the module-scoped ray_session cannot serve a session)
+            init_ray()
         from stages import train_teacher
 
         out = tmp_path_factory.mktemp("teacher")
@@ -66,7 +72,7 @@ def shared_teacher(shared_data, tmp_path_factory, ray_session) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_nar(shared_data, shared_teacher, tmp_path_factory, ray_session) -> tuple[Path, dict, PrintLog]:
+def shared_nar(shared_data, shared_teacher, tmp_path_factory) -> tuple[Path, dict, PrintLog]:
     if "nar" not in _BUILT:
         from stages import train_nar
 
