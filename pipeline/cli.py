@@ -46,8 +46,7 @@ def _err(msg: str, code: int = 2) -> typer.Exit:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.dag import PipelineError
-    from pipeline.executor import ExecutionError
+    from pipeline.executor import ExecutionError, PipelineError
     from pipeline.storage import StorageError
     from pipeline.study import StudyError
     from stages.data.converters import ConversionError

@@ -12,7 +12,6 @@ no Ray at all. Execution (pipeline/executor.py) submits each node as soon as its
 
 from __future__ import annotations
 
-import importlib
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 from pipeline.cache import final_rel, git_info, is_hit, node_key
 from pipeline.config import ABLATIONS, ConfigError, PipelineConfig, backbone_config
-from pipeline.executor import NodeStatus
+from pipeline.executor import NodeStatus, PipelineError, load_stage
 from pipeline.storage import Storage
 from stages.config import (
     BenchmarkStage,
@@ -52,22 +51,6 @@ SHARED = "shared"
 SHARED_PRETRAIN = f"{SHARED}/pretrain"
 
 
-class PipelineError(RuntimeError):
-    """A pipeline that cannot run as asked (e.g. --only with an input that is not cached); the message says why."""
-
-
-def load_stage(ref: str) -> Any:
-    """Import a stage: "pkg.module" or "pkg.module:attr"; the result has VERSION and run."""
-    module, _, attr = ref.partition(":")
-    try:
-        obj = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            raise PipelineError(f"stage module {module} is not there yet ({e})") from e
-        raise
-    return getattr(obj, attr) if attr else obj
-
-
 @dataclass
 class Node:
     """One stage execution for one task."""
@@ -83,6 +66,8 @@ class Node:
     # False where the node's config alone determines its output, whichever task's inputs it reads: then the
     # input keys stay out of its key (the shared pretrain: same images and objects in every task's shards)
     keyed_inputs: bool = True
+    stage_ref: str = ""  # the module (or "module:attribute") that runs it, from STAGES
+    version: int = 0  # its stage's VERSION, part of the key
 
     @property
     def id(self) -> str:
@@ -127,8 +112,10 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
     nodes: dict[str, Node] = {}
 
     def add(node: Node) -> None:
+        node.stage_ref = STAGES[node.stage]
         if node.stage not in versions:
-            versions[node.stage] = int(load_stage(STAGES[node.stage]).VERSION)
+            versions[node.stage] = int(load_stage(node.stage_ref).VERSION)
+        node.version = versions[node.stage]
         input_keys = ({name: nodes[node.upstream_id(up)].key for name, up in node.inputs.items()}
                       if node.keyed_inputs else {})
         node.key = node_key(node.stage, versions[node.stage], node.cfg, input_keys)

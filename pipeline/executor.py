@@ -27,6 +27,7 @@ rename; on an object-store root it works in a node-local temporary folder, keeps
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -46,6 +47,22 @@ from stages.config import StageResources, Strict
 TRAINING_STAGES = frozenset({"train_teacher", "train_nar"})
 PROGRESS_EVERY_S = 0.5
 EVENT_BATCH = 200
+
+
+class PipelineError(RuntimeError):
+    """A pipeline that cannot run as asked (e.g. --only with an input that is not cached); the message says why."""
+
+
+def load_stage(ref: str) -> Any:
+    """Import a stage: "pkg.module" or "pkg.module:attr"; the result has VERSION and run."""
+    module, _, attr = ref.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise PipelineError(f"stage module {module} is not there yet ({e})") from e
+        raise
+    return getattr(obj, attr) if attr else obj
 
 
 class ExecutionError(RuntimeError):
@@ -252,8 +269,6 @@ def scratch_dir(spec: NodeSpec, training: bool) -> Path:
 def execute_node(spec: NodeSpec) -> dict[str, Any]:
     """Run one stage in its scratch folder, then publish it with the manifest written last."""
     from pipeline.config import config_to_yaml
-    from pipeline.dag import load_stage
-
     adopt_carried_env()
     stage = load_stage(spec.stage_ref)
     training = spec.stage in TRAINING_STAGES
@@ -378,7 +393,6 @@ def ray_train_loop(config: dict) -> None:
     """One Ray Train worker: its inputs on its own node, then the stage's loop (stages.train.train_worker)."""
     import ray.train
 
-    from pipeline.dag import load_stage
     from stages import train
 
     adopt_carried_env()
@@ -425,8 +439,6 @@ def run_fanned_out(spec: NodeSpec, stage: Any, inputs: Any, scratch: Path, log: 
 
 
 def _decode_part(spec: NodeSpec, rank: int, world_size: int) -> list[dict]:
-    from pipeline.dag import load_stage
-
     adopt_carried_env()
     stage = load_stage(spec.stage_ref)
     return stage.decode_part(spec.cfg, resolve_inputs(spec, stage), rank, world_size)
@@ -676,8 +688,6 @@ class Executor:
         """Run every node planned "run" once its inputs are done; log hits and results to MLflow."""
         import ray
 
-        from pipeline.dag import STAGES, load_stage
-
         statuses = statuses if statuses is not None else {}
         for i, n in graph.nodes.items():
             statuses[i] = NodeStatus(i, n.task, n.name, n.stage, n.key, plan[i],
@@ -714,8 +724,7 @@ class Executor:
                         statuses[i].state = "upstream_failed"
                         pending.remove(i)
                     elif len(running) < self.max_concurrent and all(u.state in DONE_STATES for u in ups):
-                        version = int(load_stage(STAGES[node.stage]).VERSION)
-                        ref = self._submit(remote, node, statuses, resources, tags, git, version)
+                        ref = self._submit(remote, node, statuses, resources, tags, git)
                         running[ref] = i
                         pending.remove(i)
                 if not running:
@@ -740,9 +749,7 @@ class Executor:
         return statuses
 
     def _submit(self, remote: Any, node: Any, statuses: dict[str, NodeStatus], resources: Any,
-                tags: dict[str, str], git: dict[str, Any], version: int) -> Any:
-        from pipeline.dag import STAGES
-
+                tags: dict[str, str], git: dict[str, Any]) -> Any:
         st = statuses[node.id]
         if not self.storage.remote:
             cache.clean_stale(self.storage.local(), node.task, node.name, node.key)
@@ -752,8 +759,8 @@ class Executor:
         if training:
             res = worker_resources(res, node.cfg.train.use_gpu)
         spec = NodeSpec(
-            id=node.id, task=node.task, name=node.name, stage=node.stage, stage_ref=STAGES[node.stage],
-            version=version, key=node.key, cfg=node.cfg,
+            id=node.id, task=node.task, name=node.name, stage=node.stage, stage_ref=node.stage_ref,
+            version=node.version, key=node.key, cfg=node.cfg,
             inputs={f: InputRef(statuses[node.upstream_id(up)].rel, statuses[node.upstream_id(up)].key)
                     for f, up in node.inputs.items()},
             storage=self.storage, resources=res, run_id=st.run_id, git=git, sink=self.sink)

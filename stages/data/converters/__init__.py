@@ -21,19 +21,7 @@ output splits, default: identity plus the aliases in `DEFAULT_SPLIT_MAP`, e.g. r
 - `snli-ve`: SNLI-VE JSONL (`jsonl={split: file}`; Flickr30K_ID / Flickr30k_ID / Flikr30kID, sentence1 = premise
   caption, sentence2 = hypothesis, gold_label entailment/neutral/contradiction -> yes/maybe/no), images under
   `images` (`<flickr id>.jpg`).
-- `ofa-tsv`: OFA's TSV files (`task=...`, `tsv={split: file}`), tab-separated, no header, one sample per line:
-
-  | task       | columns                                                                        |
-  |------------|--------------------------------------------------------------------------------|
-  | caption    | uniq-id, image-id, caption (references joined by "&&"), object labels, image b64 |
-  | vqa        | uniq-id, image-id, question, answers ("conf|!+answer" joined by "&&"), object labels, |
-  |            | image b64                                                                      |
-  | grounding  | uniq-id, image-id, text, box "x0,y0,x1,y1" (pixels), image b64                 |
-  | entailment | uniq-id, image-id, image b64, hypothesis, premise caption, label               |
-
-  OFA's VQA files carry confidences, not the 10 raw answers: each answer is repeated max(1, round(3 * conf))
-  times in `answers` (exact for confidences 1/3, 2/3, 1) and the exact confidences are kept in
-  `meta.answer_confidence`. Entailment labels may be entailment/neutral/contradiction or yes/maybe/no.
+- `ofa-tsv`: OFA's TSV files (`task=...`, `tsv={split: file}`); the columns per task are in `ofa_tsv.py`.
 
 One module per format (`coco_caption.py`, `vqa.py`, `refcoco.py`, `snli_ve.py`, `ofa_tsv.py`); `base.py` holds what
 they share: the record, the image index, validation of every record (`on_bad="error"` raises `ConversionError`,
