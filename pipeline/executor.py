@@ -819,6 +819,7 @@ class Executor:
         """The trained model as an MLflow pyfunc model in its stage's run; a failure is logged, never fatal."""
         from pipeline.serving.mlflow_model import log_model
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the live view
         data = statuses[node.upstream_id(node.inputs["data"])]
         try:
             with tempfile.TemporaryDirectory(prefix="narvl-model-") as tmp:
