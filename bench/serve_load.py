@@ -147,7 +147,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray import serve
 
-    from pipeline.ray_utils import init_local_ray
+    from pipeline.ray_utils import init_ray
     from pipeline.serving.app import ServeConfig, start
     from pipeline.serving.predictor import Predictor
 
@@ -169,7 +169,7 @@ def main() -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     image_size = Predictor(models["narvl"], tokenizer, device="cpu").model.cfg.image_size
     reqs = make_requests(tasks, 64, image_size)
-    init_local_ray()
+    init_ray()
     rows = []
     try:
         for kind, model_dir in models.items():
