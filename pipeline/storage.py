@@ -285,7 +285,8 @@ class NodeCache:
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         base = cache_dir or os.environ.get("NARVL_NODE_CACHE") or Path(tempfile.gettempdir()) / "narvl-node-cache"
-        self.dir = Path(base)
+        # one cache per Ray node, also where several nodes share a disk (a test cluster on one machine)
+        self.dir = Path(base) / _ray_node_id() if cache_dir is None else Path(base)
 
     def fetch(self, storage: Storage, rel: str, key: str) -> Path:
         """The local copy of the stage folder `rel` (whose manifest carries `key`), verified."""
@@ -307,6 +308,17 @@ class NodeCache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+
+def _ray_node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # noqa: BLE001 - outside Ray: one cache for this machine
+        pass
+    return "local"
 
 
 def verify_files(folder: Path, where: str) -> None:
