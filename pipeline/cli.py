@@ -362,7 +362,7 @@ JobAddressOpt = Annotated[str, typer.Option("--address", help="the cluster's job
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(ctx: typer.Context, address: JobAddressOpt = "",
            wait: Annotated[bool, typer.Option("--wait", help="follow the job's logs until it ends")] = False) -> None:
-    """Submit `narvl run [run options]` to a Ray cluster as a job (the project as its working_dir).
+    """Submit `narvl run` with the run options that follow to a Ray cluster as a job (the project as its working_dir).
 
     Everything after the options of `submit` is passed to `narvl run`, e.g.
     `narvl submit --address http://HEAD:8265 --profile smoke --root s3://bucket/narvl`.
