@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import cache
+from pipeline.lease import Leases, lease_rel
 from pipeline.storage import NodeCache, Storage, StorageError, adopt_carried_env, carried_env, sha256_file
 from stages.config import StageResources, Strict
 
@@ -603,7 +604,8 @@ class NodeStatus:
     stage: str
     key: str
     action: str  # hit | run | skip
-    state: str  # hit | pending | running | succeeded | failed | upstream_failed | not_run
+    state: str  # hit | pending | waiting (another driver runs it) | running | succeeded | failed | upstream_failed
+    # | not_run
     rel: str | None = None  # the finished folder on the root
     started: float | None = None
     finished: float | None = None
@@ -629,6 +631,7 @@ class Executor:
                  max_concurrent: int = 2, poll_s: float = 0.5, log_models: bool = False) -> None:
         self.storage, self.tracker, self.address = storage, tracker, address
         self.log_models = log_models
+        self.leases = Leases(storage)
         self.max_concurrent, self.poll_s = max_concurrent, poll_s
         self.sink: Any = None
         self._started_ray = False
@@ -655,6 +658,7 @@ class Executor:
     def shutdown(self) -> None:
         import ray
 
+        self.leases.release_all()
         if self.sink is not None:
             try:
                 ray.kill(self.sink)
@@ -717,6 +721,7 @@ class Executor:
         try:
             while pending or running:
                 before = (len(pending), len(running))
+                waiting = False
                 for i in list(pending):
                     node = graph.nodes[i]
                     ups = [statuses[u] for u in node.upstream_ids()]
@@ -724,10 +729,21 @@ class Executor:
                         statuses[i].state = "upstream_failed"
                         pending.remove(i)
                     elif len(running) < self.max_concurrent and all(u.state in DONE_STATES for u in ups):
-                        ref = self._submit(remote, node, statuses, resources, tags, git)
-                        running[ref] = i
-                        pending.remove(i)
+                        verdict = self._claim(node, statuses[i], tags)
+                        if verdict == "run":
+                            ref = self._submit(remote, node, statuses, resources, tags, git)
+                            running[ref] = i
+                            pending.remove(i)
+                        elif verdict == "hit":  # another driver finished it meanwhile
+                            pending.remove(i)
+                        else:  # another driver runs it now: wait for its result
+                            waiting = True
                 if not running:
+                    if waiting:
+                        time.sleep(self.poll_s)
+                        if on_update:
+                            on_update(list(statuses.values()))
+                        continue
                     if pending and (len(pending), len(running)) == before:
                         raise ExecutionError(f"cannot schedule {pending}: their inputs never became ready")
                     continue
@@ -745,8 +761,31 @@ class Executor:
                 statuses[i].state = "failed"
                 if statuses[i].run_id:
                     self.tracker.client.set_terminated(statuses[i].run_id, status="KILLED")
+            self.leases.release_all()
             raise
         return statuses
+
+    def _claim(self, node: Any, st: NodeStatus, tags: dict[str, str]) -> str:
+        """"run" (this driver now holds the node's lease), "hit" (another driver's result appeared) or "wait"."""
+        final = cache.final_rel(node.task, node.name, node.key)
+        lease = lease_rel(node.task, node.name, node.key)
+        if not self.leases.acquire(lease):
+            if cache.is_hit(self.storage, final, node.key):
+                self._adopt_hit(node, st, tags)
+                return "hit"
+            st.state = "waiting"
+            return "wait"
+        if cache.is_hit(self.storage, final, node.key):  # finished just before we took the lease
+            self.leases.release(lease)
+            self._adopt_hit(node, st, tags)
+            return "hit"
+        return "run"
+
+    def _adopt_hit(self, node: Any, st: NodeStatus, tags: dict[str, str]) -> None:
+        st.state, st.rel = "hit", cache.final_rel(node.task, node.name, node.key)
+        folder = self.view(st.rel)
+        st.run_id = self.tracker.log_hit(node.id, child_tags(node, tags), node.cfg.model_dump(mode="json"),
+                                         cache.read_manifest(folder) or {}, folder)
 
     def _submit(self, remote: Any, node: Any, statuses: dict[str, NodeStatus], resources: Any,
                 tags: dict[str, str], git: dict[str, Any]) -> Any:
@@ -814,6 +853,7 @@ class Executor:
             self._log_model(node, st, statuses)
         self.tracker.finish_child(st.run_id, folder, node.cfg.model_dump(mode="json"),
                                   "FINISHED" if st.state == "succeeded" else "FAILED")
+        self.leases.release(lease_rel(node.task, node.name, node.key))
 
     def _log_model(self, node: Any, st: NodeStatus, statuses: dict[str, NodeStatus]) -> None:
         """The trained model as an MLflow pyfunc model in its stage's run; a failure is logged, never fatal."""

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
     from pipeline.dag import NodeStatus
 
-STYLE = {"hit": "cyan", "pending": "dim", "running": "yellow", "succeeded": "green", "failed": "bold red",
-         "upstream_failed": "red", "not_run": "dim"}
+STYLE = {"hit": "cyan", "pending": "dim", "waiting": "magenta", "running": "yellow", "succeeded": "green",
+         "failed": "bold red", "upstream_failed": "red", "not_run": "dim"}
 
 
 def status_table(statuses: list[NodeStatus]) -> Table:
@@ -26,7 +27,7 @@ def status_table(statuses: list[NodeStatus]) -> Table:
     for st in statuses:
         step = f"{st.step}/{st.total or '?'}" if st.step is not None else ""
         elapsed = f"{st.elapsed:.0f}s" if st.elapsed is not None else ""
-        table.add_row(st.id, f"[{STYLE.get(st.state, '')}]{st.state}[/]", st.key[:12], elapsed, step)
+        table.add_row(escape(st.id), f"[{STYLE.get(st.state, 'white')}]{st.state}[/]", st.key[:12], elapsed, step)
     return table
 
 
@@ -56,4 +57,4 @@ class ProgressView:
             if self._seen.get(st.id) != st.state:
                 self._seen[st.id] = st.state
                 extra = f" ({st.elapsed:.1f}s)" if st.state in ("succeeded", "failed") and st.elapsed else ""
-                self.console.print(f"{st.id}: [{STYLE.get(st.state, '')}]{st.state}[/]{extra}")
+                self.console.print(f"{escape(st.id)}: [{STYLE.get(st.state, 'white')}]{st.state}[/]{escape(extra)}")

@@ -156,6 +156,32 @@ class Storage:
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"writing {self.uri_of(rel)}: {e}") from e
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create the file only if it does not exist (atomic: of two writers exactly one wins); True if created."""
+        if not self.remote:
+            path = self.local(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:  # S3 conditional write: 412 when the key exists
+            self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
+            return True
+        except Exception as e:  # noqa: BLE001
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise StorageError(f"writing {self.uri_of(rel)}: {e}") from e
+
+    def delete_file(self, rel: str) -> None:
+        if not self.remote:
+            self.local(rel).unlink(missing_ok=True)
+            return
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
     def write_json(self, rel: str, data: Any) -> None:
         self.write_bytes(rel, json.dumps(data, indent=2, sort_keys=True).encode())
 

@@ -3,7 +3,7 @@
 They live in the package (not in a test module) so Ray workers can import them. Use `FAKE_STAGES` as
 `pipeline.dag.STAGES`. Each execution appends a line to `<root>/executions.jsonl` (root = out_dir's grandparent).
 A training stage checkpoints every step into out_dir (`ckpt.json`) and resumes from it; it crashes at step N when
-`<root>/crash-<task>-<stage>` holds N.
+`<root>/crash-<task>-<stage>` holds N. Every stage sleeps `<root>/slow-s` seconds first when that file exists.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ class FakeStage:
 
     def run(self, cfg: Any, inputs: dict[str, Path], out_dir: Path, log: StageLog) -> dict:
         _check_inputs(self.name, inputs)
+        slow = _root(out_dir) / "slow-s"  # every execution takes this long (to overlap two drivers)
+        if slow.exists():
+            import time
+
+            time.sleep(float(slow.read_text()))
         return getattr(self, f"_{self.name}")(cfg, inputs, Path(out_dir), log)
 
     def _prepare_data(self, cfg, inputs, out_dir, log) -> dict:

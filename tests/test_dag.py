@@ -234,3 +234,32 @@ def test_manifest_and_stage_folder(base):
     assert m["outputs"] == {"steps": 40, "resumed_from": 0}
     assert "max_steps: 40" in (d / "config.yaml").read_text()
     assert "trained 40 steps" in (d / "stage.log").read_text()
+
+
+def test_two_drivers_on_one_root_run_each_stage_once(fakes, ray_session, tmp_path):
+    """Two runs started together on one root: one owner per stage (leases); the other waits and reuses the result.
+    Without leases both plan every stage "run" and both execute it (each stage here takes 0.5 s)."""
+    import threading
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "slow-s").write_text("0.5")
+    cfg = config()
+    results: dict[int, dag.PipelineResult] = {}
+
+    def drive(n: int) -> None:
+        results[n] = dag.run_pipeline(cfg, tmp_path, poll_s=0.1,
+                                      tracking_uri=f"sqlite:///{tmp_path / f'mlflow{n}.db'}")
+
+    threads = [threading.Thread(target=drive, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert set(results) == {1, 2} and results[1].ok and results[2].ok
+    ran = [e["node"] for e in executions(tmp_path)]
+    assert sorted(ran) == sorted(ALL), ran  # every stage exactly once, by one of the two
+    assert results[1].summary == results[2].summary
+    # each stage: succeeded in one run, a cache hit in the other
+    for i in results[1].statuses:
+        assert {results[1].statuses[i].state, results[2].statuses[i].state} == {"succeeded", "hit"}, i
+    assert not list(tmp_path.glob("*/.lease-*"))  # every lease released
