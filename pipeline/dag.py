@@ -226,8 +226,9 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, *, address: str | None =
     statuses: dict[str, NodeStatus] = {}
     status = "FAILED"
     try:
+        forced = graph.descendants(set().union(*(graph.select(f) for f in force))) if force else set()
         executor.run(graph, plan, resources=cfg.resources, tags=common_tags, git=git, on_update=on_update,
-                     statuses=statuses)
+                     statuses=statuses, forced=forced)
         failures = [s for s in statuses.values() if s.state in ("failed", "upstream_failed")]
         report_dir, summary = write_report(cfg, graph, statuses, executor, parent, git, stamp)
         if on_update:

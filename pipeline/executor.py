@@ -688,7 +688,8 @@ class Executor:
     # ---- running a plan ----------------------------------------------------------------------------------------
     def run(self, graph: Any, plan: dict[str, str], *, resources: Any, tags: dict[str, str],
             git: dict[str, Any], on_update: Callable[[list[NodeStatus]], None] | None = None,
-            statuses: dict[str, NodeStatus] | None = None) -> dict[str, NodeStatus]:
+            statuses: dict[str, NodeStatus] | None = None, forced: set[str] | frozenset = frozenset()
+            ) -> dict[str, NodeStatus]:
         """Run every node planned "run" once its inputs are done; log hits and results to MLflow."""
         import ray
 
@@ -718,6 +719,9 @@ class Executor:
             check_feasible(i, res, workers)
         remote = ray.remote(execute_node)
         running: dict[Any, str] = {}
+        # a node's result that appears while it waits (another driver's) is adopted; for a forced node, only one
+        # newer than the result it was forced to replace
+        planned = {i: self._finished_at(graph.nodes[i]) if i in forced else None for i in pending}
         try:
             while pending or running:
                 before = (len(pending), len(running))
@@ -729,7 +733,7 @@ class Executor:
                         statuses[i].state = "upstream_failed"
                         pending.remove(i)
                     elif len(running) < self.max_concurrent and all(u.state in DONE_STATES for u in ups):
-                        verdict = self._claim(node, statuses[i], tags)
+                        verdict = self._claim(node, statuses[i], tags, planned[i])
                         if verdict == "run":
                             ref = self._submit(remote, node, statuses, resources, tags, git)
                             running[ref] = i
@@ -765,17 +769,25 @@ class Executor:
             raise
         return statuses
 
-    def _claim(self, node: Any, st: NodeStatus, tags: dict[str, str]) -> str:
-        """"run" (this driver now holds the node's lease), "hit" (another driver's result appeared) or "wait"."""
-        final = cache.final_rel(node.task, node.name, node.key)
+    def _finished_at(self, node: Any) -> str | None:
+        """The `finished` stamp of the node's succeeded result on the root, or None."""
+        m = self.storage.read_json(f"{cache.final_rel(node.task, node.name, node.key)}/{cache.MANIFEST}")
+        ok = isinstance(m, dict) and m.get("status") == "succeeded" and m.get("key") == node.key
+        return str(m.get("finished")) if ok else None
+
+    def _claim(self, node: Any, st: NodeStatus, tags: dict[str, str], planned: str | None) -> str:
+        """"run" (this driver now holds the node's lease), "hit" (another driver's result appeared since it was
+        planned) or "wait" (another driver holds the lease)."""
         lease = lease_rel(node.task, node.name, node.key)
-        if not self.leases.acquire(lease):
-            if cache.is_hit(self.storage, final, node.key):
+        held = self.leases.acquire(lease)
+        fresh = self._finished_at(node)  # read after the lease attempt: an owner publishes before it releases
+        if not held:
+            if fresh is not None and fresh != planned:
                 self._adopt_hit(node, st, tags)
                 return "hit"
             st.state = "waiting"
             return "wait"
-        if cache.is_hit(self.storage, final, node.key):  # finished just before we took the lease
+        if fresh is not None and fresh != planned:  # another driver finished it just before we took the lease
             self.leases.release(lease)
             self._adopt_hit(node, st, tags)
             return "hit"

@@ -50,7 +50,9 @@ class Leases:
         if self.storage.create_exclusive(rel, self._record()):
             return self._hold(rel)
         current = self.storage.read_json(rel)
-        if current is None or time.time() - float(current.get("heartbeat", 0)) > self.stale_after_s:
+        if current is None:
+            return False  # being replaced right now, or unreadable: the next attempt sees it whole
+        if time.time() - float(current.get("heartbeat", 0)) > self.stale_after_s:
             self.storage.delete_file(rel)  # the owner died (or the file is unreadable): take it over
             if self.storage.create_exclusive(rel, self._record()):
                 return self._hold(rel)

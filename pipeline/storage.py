@@ -158,15 +158,17 @@ class Storage:
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create the file only if it does not exist (atomic: of two writers exactly one wins); True if created."""
-        if not self.remote:
+        if not self.remote:  # written whole first, then linked into place: a reader never sees it half-written
             path = self.local(rel)
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_bytes(data)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            finally:
+                tmp.unlink(missing_ok=True)
             return True
         try:  # S3 conditional write: 412 when the key exists
             self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
