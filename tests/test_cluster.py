@@ -43,26 +43,12 @@ SMALL = ["tasks=[vqa]", "data.train_per_task=120", "data.val_per_task=30", "data
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket; the driver's environment points at it."""
+def s3(s3_server):
+    """The S3 server with the test's bucket; the driver's environment points at it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return s3_server
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ owner blocks, a dead owner's lease (old heartbeat) is taken over, and a release 
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -14,25 +13,11 @@ from pipeline.storage import Storage
 
 
 @pytest.fixture(scope="module")
-def s3_root():
+def s3_root(s3_server):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     boto3.client("s3").create_bucket(Bucket="leases")
-    yield "s3://leases/root"
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return "s3://leases/root"
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
