@@ -68,6 +68,10 @@ def compile_step(fn: Callable[[], None], mode: str, reset: Callable[[], None] | 
     if mode == "eager":
         return fn
     if mode in ("compile", "reduce-overhead"):
+        # every step compiled in a process goes through one wrapper code object of torch's, so each is one more
+        # cache entry of it: allow as many as a benchmark builds (torch's default of 8 falls back to eager)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         compiled = torch.compile(fn, mode=None if mode == "compile" else mode, fullgraph=True, dynamic=False)
         if mode == "compile":
             return compiled

@@ -28,6 +28,23 @@ NEG_INF = float("-inf")
 # Image backbones
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that normalises in float32 when its statistics are float32 and the rest is not.
+
+    Mixed-precision training (DeepSpeed bf16/fp16) casts the parameters and leaves the buffers in float32; CUDA's
+    batch-norm backward refuses that mix, and running statistics are best kept in float32 anyway. With one dtype
+    throughout (fp32 training, a model cast whole for inference) this is plain nn.BatchNorm2d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.running_mean is None or self.running_mean.dtype == x.dtype == self.weight.dtype:
+            return super().forward(x)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps).to(x.dtype)
+
+
 class Bottleneck(nn.Module):
     """ResNet bottleneck block (1x1 -> 3x3 (stride) -> 1x1, expansion 4)."""
 
@@ -37,15 +54,15 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_ch = width * self.expansion
         self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.bn3 = BatchNorm2d(out_ch)
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out_ch))
+                                            BatchNorm2d(out_ch))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -61,7 +78,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, layers: tuple[int, int, int], width: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         stages, in_ch = [], width
         for i, (n_blocks, stride) in enumerate(zip(layers, (1, 2, 2), strict=True)):
@@ -85,7 +102,7 @@ class SmallBackbone(nn.Module):
         chans = [3, width, 2 * width, 4 * width, 8 * width]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False)
                                    for a, b in zip(chans[:-1], chans[1:], strict=True))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in chans[1:])
+        self.norms = nn.ModuleList(BatchNorm2d(c) for c in chans[1:])
         self.out_channels = chans[-1]
 
     def forward(self, image: Tensor) -> Tensor:

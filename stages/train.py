@@ -311,10 +311,25 @@ def build_model(job: TrainJob, stage_cfg, tokenizer):
     return NARVLModel(model_cfg)
 
 
+def use_ds_accelerator(device: str) -> None:
+    """DeepSpeed's accelerator follows this worker's device, whatever the process inherited.
+
+    A `DS_ACCELERATOR=cpu` left in the environment (a CPU test session, a shell) would otherwise put DeepSpeed on
+    its CPU accelerator beside an NCCL process group, and its first broadcast fails.
+    """
+    want = "cuda" if device == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = want
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is not None and getattr(current, "_name", want) != want:  # resolved before, for the other device
+        real_accelerator.ds_accelerator = None  # the next get_accelerator() reads DS_ACCELERATOR again
+
+
 def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     """One worker's loop; rank 0 returns (and stores as summary.json) the run's summary."""
     t_entry = time.perf_counter()
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device == "cuda" else "cpu")
+    use_ds_accelerator(ctx.device)
     import deepspeed
 
     from narvl_model.tokenizer import Tokenizer
