@@ -43,6 +43,8 @@ class ModelConfig(BaseModel):
     backbone: Literal["resnet", "small"] = "small"
     resnet_layers: tuple[int, int, int] = (3, 4, 6)
     backbone_width: int = Field(32, gt=0, description="channels of the first stage (ResNet: 64)")
+    image_stride: Literal[8, 16] = Field(16, description="'small' backbone: pixels per image token (16 as OFA's "
+                                         "ResNet; 8 gives 4x the image tokens); 'resnet' is always 16")
     image_size: int = Field(64, ge=32, le=1024)
     # positions
     max_source_positions: int = Field(64, gt=0, description="max encoder text tokens")
@@ -84,6 +86,8 @@ class ModelConfig(BaseModel):
     def _check(self) -> ModelConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        if self.backbone == "resnet" and self.image_stride != 16:
+            raise ValueError("image_stride applies to the 'small' backbone; OFA's ResNet has stride 16")
         if self.num_queries > self.max_queries:
             raise ValueError(f"num_queries={self.num_queries} exceeds max_queries={self.max_queries}")
         if self.vocab_size is not None and self.blank_id is not None and not 0 <= self.blank_id < self.vocab_size:

@@ -95,13 +95,17 @@ class ResNetBackbone(nn.Module):
 
 
 class SmallBackbone(nn.Module):
-    """Four strided 3x3 convs (stride 16 overall) for 32-128 px images in tests and CPU profiles."""
+    """Four 3x3 convs for 32-128 px images in tests and CPU profiles: stride 16 overall (four strided), or 8 (the
+    last one unstrided), which gives an 8x8 grid of image tokens on 64 px images instead of 4x4."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, stride: int = 16):
         super().__init__()
+        if stride not in (8, 16):
+            raise ValueError(f"SmallBackbone stride must be 8 or 16, got {stride}")
         chans = [3, width, 2 * width, 4 * width, 8 * width]
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False)
-                                   for a, b in zip(chans[:-1], chans[1:], strict=True))
+        strides = (2, 2, 2, 2 if stride == 16 else 1)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=st, padding=1, bias=False)
+                                   for a, b, st in zip(chans[:-1], chans[1:], strides, strict=True))
         self.norms = nn.ModuleList(BatchNorm2d(c) for c in chans[1:])
         self.out_channels = chans[-1]
 
@@ -109,14 +113,14 @@ class SmallBackbone(nn.Module):
         x = image
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = F.gelu(norm(conv(x)))
-        return x  # (B, 8*width, H/16, W/16)
+        return x  # (B, 8*width, H/stride, W/stride)
 
 
 def build_backbone(cfg: ModelConfig) -> ResNetBackbone | SmallBackbone:
     """The image backbone the config asks for (the encoder's, and what stages/pretrain.py trains)."""
     if cfg.backbone == "resnet":
         return ResNetBackbone(cfg.resnet_layers, cfg.backbone_width)
-    return SmallBackbone(cfg.backbone_width)
+    return SmallBackbone(cfg.backbone_width, cfg.image_stride)
 
 
 # ----------------------------------------------------------------------------------------------------------------

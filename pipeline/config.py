@@ -26,7 +26,8 @@ from stages.config import (
 )
 from stages.data.shapes import SHAPES_MIN_QUERIES
 
-BACKBONE_FIELDS = ("backbone", "resnet_layers", "backbone_width")  # what narvl_model.model.build_backbone reads
+# what narvl_model.model.build_backbone reads
+BACKBONE_FIELDS = ("backbone", "resnet_layers", "backbone_width", "image_stride")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # ablation -> the train_nar fields it changes (paper Tables 8, 9, 6-7)
 ABLATIONS: dict[str, dict[str, Any]] = {

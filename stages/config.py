@@ -100,6 +100,9 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     val_every: int = Field(100, gt=0)
     shuffle_buffer: int = Field(1000, ge=0)
+    aux_caption: float = Field(0.0, ge=0, lt=1, description="AR teacher on the built-in benchmark: the share of "
+                               "training samples trained as a caption of their own image (multi-task over the "
+                               "same images, as OFA is trained); it teaches the text side to read the image")
     # DataLoader processes per worker: the shards are split between them, so they change the data order
     loader_workers: int = Field(0, ge=0)
     # where and how often the run is saved and retried: no effect on the result (resume is exact)
@@ -137,6 +140,9 @@ class NARTrainConfig(TrainConfig):
         for task, n in self.num_queries.items():
             if n < 1:
                 raise ValueError(f"train_nar.num_queries.{task}={n}: must be >= 1")
+        if self.aux_caption:
+            raise ValueError("train_nar.aux_caption must be 0: NARVL's queries are sized for its own task's targets "
+                             "(the auxiliary caption task is the teacher's, train_teacher.aux_caption)")
         return self
 
 

@@ -226,3 +226,38 @@ def test_iter_split_json_reads_every_sample_json_but_no_image(tmp_path, caption_
     # images are not read: a broken image does not stop the JSON reader
     d2 = _raw_split(tmp_path / "img", _good(0) + [_good(2)[0], ("s2.png", b"x")])
     assert [s["id"] for s in iter_split_json(d2, "caption")] == ["s0", "s2"]
+
+
+def test_aux_caption_trains_a_share_of_samples_as_captions_of_their_own_scene(tmp_path, tok):
+    """train.aux_caption: about that share of an entailment split's training samples become caption examples whose
+    target names exactly the objects of the sample's own image; evaluation batches never change."""
+    from stages.data.schema import task_prompt
+    from stages.data.shapes import parse_caption
+
+    d = tmp_path / "ent"
+    _write(d, "entailment", 60, per_shard=20)
+    caption_src = [tok.bos_id, *tok.encode(task_prompt("caption", {})), tok.eos_id]
+    n = captions = 0
+    for b in make_loader(d, tok, "entailment", 16, train=True, seed=3, aux_caption=0.5, shuffle_buffer=0):
+        for i, sample in enumerate(b.samples):
+            n += 1
+            src = [t for t in b.src_tokens[i].tolist() if t != tok.pad_id]
+            if src != caption_src:
+                continue
+            captions += 1
+            words = tok.decode([t for t in b.target[i].tolist() if t not in (tok.pad_id, tok.eos_id)])
+            want = {tuple(o[:3]) for o in sample["meta"]["objects"]}
+            assert parse_caption(words) == want, (sample["id"], words)
+    assert n == 60 and 15 <= captions <= 45, captions
+    for b in make_loader(d, tok, "entailment", 16, train=False, aux_caption=0.5):  # evaluation: never
+        for i, sample in enumerate(b.samples):
+            src = [t for t in b.src_tokens[i].tolist() if t != tok.pad_id]
+            assert src == [tok.bos_id, *tok.encode(sample["prompt"]), tok.eos_id], sample["id"]
+
+
+def test_aux_caption_names_a_sample_without_objects(tmp_path, tok):
+    sample, png = next(generate("entailment", "train", 1, 32, seed=0))
+    sample["id"], sample["meta"] = "no-objects", {}
+    d = _raw_split(tmp_path / "a", [("k.json", json.dumps(sample).encode()), ("k.png", png)], task="entailment")
+    with pytest.raises(DataError, match="k.*meta.objects"):
+        list(make_loader(d, tok, "entailment", 4, train=True, aux_caption=0.99, seed=0))

@@ -337,19 +337,36 @@ def decode_image(data: bytes, image_size: int | None, where: str) -> np.ndarray:
     return ((arr - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
 
+def aux_caption_example(sample: dict, rng: np.random.Generator, where: str) -> tuple[str, str]:
+    """(caption prompt, a caption of the sample's scene) from its meta.objects: the auxiliary caption task.
+
+    Raises:
+        DataError: the sample carries no built-in benchmark objects, naming it.
+    """
+    from stages.data.schema import task_prompt
+    from stages.data.shapes import scene_caption
+
+    objects = (sample.get("meta") or {}).get("objects")
+    if not objects:
+        raise DataError(f"{where}: train.aux_caption needs the built-in benchmark's meta.objects (data.source="
+                        "shapes); this sample has none")
+    return task_prompt("caption", sample), scene_caption(objects, rng)
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
     """Batches of one split for one (rank, world_size); DataLoader workers split it further."""
 
     def __init__(self, split_dir: Path, manifest: dict, tokenizer: Any, task: str, batch_size: int, *, train: bool,
                  seed: int, epoch: int, shuffle_buffer: int, rank: int, world_size: int,
                  target_override: dict[str, str] | None, on_bad_sample: str, image_size: int | None,
-                 max_source_len: int, max_target_len: int | None) -> None:
+                 max_source_len: int, max_target_len: int | None, aux_caption: float = 0.0) -> None:
         super().__init__()
         self.split_dir, self.manifest, self.tok, self.task = split_dir, manifest, tokenizer, task
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, epoch
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.override, self.on_bad, self.image_size = target_override, on_bad_sample, image_size
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
+        self.aux_caption = aux_caption
 
     def _raw(self, part: int, parts: int) -> Iterator[tuple[Path, str, dict[str, bytes]] | DataError]:
         """This reader's samples in order; an unreadable shard yields one DataError (the rest of it is lost)."""
@@ -388,8 +405,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         sample, image_bytes = parse_sample(path, key, parts, self.task)
         image = decode_image(image_bytes, self.image_size, f"{path}: sample {key!r}")
         tok = self.tok
-        src = [tok.bos_id, *tok.encode(sample["prompt"])[: self.max_source_len - 2], tok.eos_id]
-        sid = str(sample["id"])
+        prompt, sid = sample["prompt"], str(sample["id"])
+        if self.train and self.aux_caption > 0 and rng.random() < self.aux_caption:
+            prompt, text = aux_caption_example(sample, rng, f"{path}: sample {key!r}")
+            src = [tok.bos_id, *tok.encode(prompt)[: self.max_source_len - 2], tok.eos_id]
+            return {"image": image, "src": src, "tgt": [*tok.encode(text), tok.eos_id], "weight": 1.0,
+                    "sample": sample}
+        src = [tok.bos_id, *tok.encode(prompt)[: self.max_source_len - 2], tok.eos_id]
         if self.override is not None and sid in self.override:
             text, weight = self.override[sid], 1.0
         elif self.train:
@@ -473,7 +495,8 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
                 rank: int | None = None, world_size: int | None = None,
                 target_override: dict[str, str] | None = None,
                 on_bad_sample: Literal["error", "skip"] = "error", image_size: int | None = None,
-                max_source_len: int = 64, max_target_len: int | None = None, verify: bool = False) -> ShardLoader:
+                max_source_len: int = 64, max_target_len: int | None = None, verify: bool = False,
+                aux_caption: float = 0.0) -> ShardLoader:
     """A loader of padded batches of one split (see docs/ARCHITECTURE.md).
 
     Args:
@@ -492,6 +515,8 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
         max_source_len: longest src_tokens row including bos and eos.
         max_target_len: longest target row including eos (None: no limit).
         verify: check every shard's sha256 against the manifest first.
+        aux_caption: train only; the share of samples trained as a caption of their own image instead of their
+            task (built-in benchmark samples, whose meta.objects gives the caption): multi-task over the same images.
     """
     split_dir = Path(split_dir)
     if on_bad_sample not in ("error", "skip"):
@@ -510,5 +535,6 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
     ds = ShardDataset(split_dir, manifest, tokenizer, task, batch_size, train=train, seed=seed, epoch=epoch,
                       shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
                       target_override=target_override, on_bad_sample=on_bad_sample, image_size=image_size,
-                      max_source_len=max_source_len, max_target_len=max_target_len)
+                      max_source_len=max_source_len, max_target_len=max_target_len,
+                      aux_caption=aux_caption if train else 0.0)
     return ShardLoader(ds, num_workers)
