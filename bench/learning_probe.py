@@ -30,9 +30,9 @@ from stages.common import PrintLog
 
 
 def run_node(node, folders: dict[str, Path], root: Path, quiet: bool) -> Path:
-    """The node's output folder under root, computed unless it holds a metrics.json (or backbone) already."""
+    """The node's output folder under root, computed unless it is there already (complete: renamed last)."""
     out = root / f"{node.stage}-{node.key[:16]}"
-    if (out / "metrics.json").exists():
+    if out.exists():
         return out
     stage = load_stage(node.stage_ref)
     inputs = stage.Inputs(**{name: folders[node.upstream_id(up)] for name, up in node.inputs.items()})

@@ -90,6 +90,9 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    backbone_lr_scale: float = Field(1.0, ge=0, description="the image backbone's learning rate as a share of lr "
+                                     "(a pretrained backbone can learn slower than the fresh transformer; 0 freezes "
+                                     "its weights, not its batch-norm statistics)")
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     clip_grad: float = Field(1.0, gt=0)

@@ -346,10 +346,15 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     n_params = sum(p.numel() for p in model.parameters())
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # OFA's image codes are frozen
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tuple(tc.betas))
+    groups = []
+    for in_backbone in (False, True):  # the (pretrained) backbone may learn at its own rate: train.backbone_lr_scale
+        part = [(n, p) for n, p in trainable if n.startswith("encoder.backbone.") == in_backbone]
+        lr = tc.lr * (tc.backbone_lr_scale if in_backbone else 1.0)
+        groups += [{"params": [p for n, p in part if p.ndim >= 2 and "embed" not in n], "lr": lr,
+                    "weight_decay": tc.weight_decay},
+                   {"params": [p for n, p in part if not (p.ndim >= 2 and "embed" not in n)], "lr": lr,
+                    "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=tuple(tc.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.max_steps, tc.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(tc))

@@ -180,3 +180,26 @@ def test_lr_schedule_warms_up_then_decays_linearly():
 
     f = _lr_lambda(100, 0.1)
     assert [round(f(s), 3) for s in (0, 4, 9, 10, 55, 100)] == [0.1, 0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_backbone_lr_scale_zero_keeps_the_backbone_weights(shared_data, tmp_path):
+    """train.backbone_lr_scale=0: the backbone's weights stay at their start whatever lr the rest learns with;
+    scale 1 moves them."""
+    from stages import train_teacher
+
+    def trained(scale: float, lr: float) -> dict[str, torch.Tensor]:
+        tc = teacher_cfg().train.model_copy(update={"num_workers": 1, "zero_stage": 0, "max_steps": 6, "lr": lr,
+                                                    "backbone_lr_scale": scale})
+        out = tmp_path / f"s{scale}-lr{lr}"
+        train_teacher.run(teacher_cfg().model_copy(update={"train": tc}), train_teacher.Inputs(data=shared_data),
+                          out, PrintLog())
+        return load_model(out / "checkpoint").state_dict()
+
+    a, b, moved = trained(0.0, 6e-3), trained(0.0, 2e-3), trained(1.0, 6e-3)
+    conv = [k for k in a if k.startswith("encoder.backbone.") and k.endswith("weight") and a[k].ndim == 4]
+    assert conv
+    for k in conv:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(a[k], moved[k]) for k in conv)
+    rest = [k for k in a if k.startswith("decoder.") and a[k].ndim == 2]
+    assert any(not torch.equal(a[k], b[k]) for k in rest)  # the transformer learned at its own lr
