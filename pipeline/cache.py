@@ -40,13 +40,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def node_key(stage: str, version: int, cfg: Strict, input_keys: dict[str, str]) -> str:
-    """sha256 over the stage name, its VERSION, the canonical JSON of its cache-relevant config and input keys."""
+    """sha256 over the stage name, its VERSION, the canonical JSON of its cache-relevant config, its input keys
+    and the content digests of what it reads from outside the root (pipeline/content.py; ConfigError if missing)."""
+    from pipeline.content import content_digests
+
     payload = {
         "stage": stage,
         "version": version,
         "config": cache_dict(cfg),
         "inputs": sorted(input_keys.items()),
     }
+    external = content_digests(cfg)
+    if external:  # absent otherwise: the keys of stages reading nothing outside the root stay what they were
+        payload["external"] = sorted(external.items())
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -158,6 +158,28 @@ def _f(v: Any, suffix: str = "") -> str:
     return f"{v:.2f}{suffix}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
 
 
+@app.command()
+def gc(root: RootOpt = DEFAULT_ROOT,
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
+       grace_hours: Annotated[float, typer.Option("--grace-hours", min=0.0,
+                                                  help="keep folders changed more recently than this")] = 1.0,
+       ) -> None:
+    """Remove abandoned scratch folders (.work-*, .tmp-*, .old-*) of dead runs: no live lease, idle for the grace
+    period. A removed .work-* folder takes its checkpoints with it (that stage then trains from the start)."""
+    from pipeline.gc import collect, human_bytes
+    from pipeline.storage import Storage
+
+    storage = _guard(lambda: Storage(root))
+    found = _guard(lambda: collect(storage, grace_s=grace_hours * 3600, dry_run=dry_run))
+    for item in found:
+        action = "would remove" if dry_run and item.action == "remove" else item.action
+        typer.echo(f"{action:>24}  {human_bytes(item.bytes):>9}  {item.files:>6} files  {item.rel}")
+    gone = [i for i in found if i.action in ("remove", "removed")]
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"{verb} {len(gone)} of {len(found)} scratch folders, {human_bytes(sum(i.bytes for i in gone))}"
+               f" (root {storage.uri})")
+
+
 # ---- config ----------------------------------------------------------------------------------------------
 @config_app.command("show")
 def config_show(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: OverridesArg = None,

@@ -215,7 +215,9 @@ def config_to_yaml(cfg: PipelineConfig | Strict) -> str:
 
 
 def cache_dict(cfg: BaseModel) -> dict:
-    """The config as a dict without fields marked cache=False (they do not change results).
+    """The config as a dict without fields marked cache=False (they do not change results); a path marked
+    cache="content" (outside the root) shows only whether it is set: its content enters the key instead
+    (pipeline/content.py).
 
     Recurses into every pydantic model (ModelConfig is not a Strict), lists, tuples and dicts.
     """
@@ -225,6 +227,9 @@ def cache_dict(cfg: BaseModel) -> dict:
         if extra.get("cache") is False:
             continue
         value = getattr(cfg, name)
+        if extra.get("cache") == "content":  # unset stays None: the keys of configs without it do not move
+            out[name] = None if value is None else "<content>"
+            continue
         out[name] = _jsonable(value)
     return out
 

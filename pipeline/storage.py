@@ -240,6 +240,35 @@ class Storage:
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"listing {self.uri_of(rel)}: {e}") from e
 
+    def tree_stats(self, rel: str) -> tuple[int, int, float | None]:
+        """(files, bytes, newest modification time) of everything below `rel`; (0, 0, None) when empty or absent."""
+        n = size = 0
+        newest: float | None = None
+        if not self.remote:
+            base = self.local(rel)
+            if not base.is_dir():
+                return 0, 0, None
+            for folder, _, files in os.walk(base):  # every folder once; symlinks are not followed
+                for path, is_file in [(folder, False), *((os.path.join(folder, f), True) for f in files)]:
+                    try:
+                        st = os.lstat(path)
+                    except FileNotFoundError:  # removed meanwhile
+                        continue
+                    newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
+                    if is_file:
+                        n, size = n + 1, size + st.st_size
+            return n, size, newest
+        prefix = self._key(rel).rstrip("/") + "/"
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    n, size = n + 1, size + int(obj["Size"])
+                    t = obj["LastModified"].timestamp()
+                    newest = t if newest is None else max(newest, t)
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"listing {self.uri_of(rel)}: {e}") from e
+        return n, size, newest
+
     def list_dirs(self, rel: str) -> list[str]:
         """The names of the folders directly below `rel`."""
         if not self.remote:

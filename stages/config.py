@@ -15,6 +15,9 @@ from narvl_model.config import ModelConfig
 Task = Literal["caption", "vqa", "grounding", "entailment"]
 TASKS: tuple[Task, ...] = ("caption", "vqa", "grounding", "entailment")
 NoCache = {"cache": False}
+# a path outside the artifact root: the key covers what the stage reads there by content, not the path
+# (pipeline/content.py), so the same files at another path are a hit and files replaced in place a miss
+ByContent = {"cache": "content"}
 
 
 class Strict(BaseModel):
@@ -25,7 +28,8 @@ class DataConfig(Strict):
     """Where samples come from and how they are sharded and tokenised."""
 
     source: Literal["shapes", "shards"] = "shapes"
-    shards_dir: str | None = Field(None, description="with source=shards: a folder from `narvl data convert`")
+    shards_dir: str | None = Field(None, description="with source=shards: a folder from `narvl data convert`",
+                                   json_schema_extra=ByContent)
     image_size: int = Field(64, ge=32, le=1024)
     train_per_task: int = Field(2000, gt=0)
     val_per_task: int = Field(200, gt=0)
@@ -36,7 +40,8 @@ class DataConfig(Strict):
     bpe_vocab_size: int = Field(1000, ge=64, description="BPE merges target size (before bins and specials)")
     num_bins: int = Field(64, ge=2, description="location tokens <bin_0>..<bin_{B-1}> (OFA: 1000)")
     tokenizer: Literal["bpe", "ofa"] = "bpe"
-    ofa_bpe_dir: str | None = Field(None, description="tokenizer=ofa: dir of encoder.json, vocab.bpe, dict.txt")
+    ofa_bpe_dir: str | None = Field(None, description="tokenizer=ofa: dir of encoder.json, vocab.bpe, dict.txt",
+                                    json_schema_extra=ByContent)
     on_bad_sample: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
@@ -57,9 +62,9 @@ class OFAInit(Strict):
     """
 
     ofa: str = Field(description="OFA checkpoint: fairseq .pt (ofa_tiny.pt .. ofa_huge.pt) or a state dict "
-                                 "(.pt / .safetensors) with OFA's key names")
+                                 "(.pt / .safetensors) with OFA's key names", json_schema_extra=ByContent)
     bpe_dir: str | None = Field(None, description="OFA's BPE folder (OFA's utils/BPE: encoder.json, vocab.bpe, "
-                                                  "dict.txt)")
+                                                  "dict.txt)", json_schema_extra=ByContent)
 
     @field_validator("ofa")
     @classmethod

@@ -10,7 +10,9 @@ node resumes from the same checkpoints). The pipeline runs it on one Ray task (o
 `TorchTrainer` (several); `run_local` runs it in this process.
 
 The work store holds:
-    ckpt/step_<n>/        every rank's DeepSpeed files and RNG state; `train_state.json` (step, epoch, micro-batches
+    ckpt/step_<n>/        every rank's DeepSpeed files (model, its ZeRO partition of the optimizer, scheduler; as
+                          safetensors through stages.ds_checkpoint: a resume never unpickles) and RNG state (tensors,
+                          read with weights_only=True); `train_state.json` (step, epoch, micro-batches
                           consumed in the epoch, best validation loss, the curve so far) written last by rank 0,
                           so a checkpoint without it is incomplete and never resumed from
     checkpoint/           the best model so far (lowest validation loss), `narvl_model.checkpoint.save_model`
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -47,6 +50,10 @@ KEEP_CHECKPOINTS = 2
 
 class TrainingIncomplete(RuntimeError):
     """The loop ended without finishing (its work store has no summary): never published as a result."""
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint in the work store that is not a safe, readable checkpoint of this loop (never unpickled)."""
 
 
 # ---- where a worker keeps what must survive it ---------------------------------------------------------------
@@ -334,6 +341,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
 
     from narvl_model.tokenizer import Tokenizer
     from stages.data.shards import make_loader
+    from stages.ds_checkpoint import CheckpointError, use_safe_checkpoints
 
     kind = job.kind
     stage_cfg = stage_config(job)
@@ -358,6 +366,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.max_steps, tc.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(tc))
+    use_safe_checkpoints(engine)  # checkpoint files are safetensors + JSON: a resume never unpickles
     device = engine.device
     setup_s = time.perf_counter() - t_entry  # imports, model, DeepSpeed engine
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
@@ -368,9 +377,16 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="narvl-resume-") as d:
         resumed = ctx.store.latest_checkpoint(Path(d))
         if resumed is not None:
-            engine.load_checkpoint(d, tag="ds")
+            try:
+                engine.load_checkpoint(d, tag="ds")
+            except CheckpointError as e:
+                raise _refused(e.path, e.reason, d, resumed) from None
+            rng = Path(d) / f"rng_rank{rank}.pt"
+            try:
+                load_rng_state(rng)
+            except pickle.UnpicklingError as e:  # weights_only=True refuses anything but tensors
+                raise _refused(str(rng), f"not a file of tensors ({str(e).splitlines()[0]})", d, resumed) from None
             state.update(json.loads((Path(d) / STATE_FILE).read_text()))
-            load_rng_state(Path(d) / f"rng_rank{rank}.pt")
             if rank == 0:
                 ctx.log.info(f"resumed from the checkpoint at step {state['step']}")
     start_step = state["step"]
@@ -502,6 +518,16 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
                    model_config=model_cfg.model_dump(), curves=state["curves"])
     ctx.store.put_json(SUMMARY_FILE, summary)
     return summary
+
+
+def _refused(path: str, reason: str, folder: str, step: int) -> CheckpointRefused:
+    """The error of a checkpoint that could not be resumed from, naming its file in the work store."""
+    where = f"{CKPT_DIR}/step_{step:08d}"
+    if path.startswith(folder):
+        where += path[len(folder):]
+    return CheckpointRefused(f"resuming from {where} of the stage's work folder: {reason}. Training stopped "
+                             f"without using it; delete {CKPT_DIR}/step_{step:08d} (or the whole work folder) to "
+                             "resume from an earlier checkpoint or from the start")
 
 
 def _barrier(world: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -148,8 +149,22 @@ def _candidates(info: Any, value: Any) -> list[Any]:
     return []
 
 
-# a value that is only valid with a sibling set too
-COUPLED = {"source": {"shards_dir": "/data/converted"}, "tokenizer": {"ofa_bpe_dir": "/data/ofa_bpe"}}
+# a value that is only valid with a sibling set too (paths that exist: their content enters the key)
+COUPLED = {"source": {"shards_dir": None}, "tokenizer": {"ofa_bpe_dir": str(Path(__file__).parent / "fixtures" /
+                                                                          "ofa_bpe")}}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """Tiny converted shards of every task (data.source=shards reads them at plan time)."""
+    from stages.common import PrintLog
+    from stages.config import TASKS, DataConfig
+    from stages.prepare_data import synth_all
+
+    out = tmp_path_factory.mktemp("converted")
+    synth_all(DataConfig(image_size=32, train_per_task=2, val_per_task=1, test_per_task=1), TASKS, out, PrintLog())
+    COUPLED["source"]["shards_dir"] = str(out)
+    return out
 
 
 def _with(model: BaseModel, path: tuple, new: Any) -> BaseModel:
@@ -165,7 +180,7 @@ def _with(model: BaseModel, path: tuple, new: Any) -> BaseModel:
 @pytest.mark.parametrize("node_id", ["shared/pretrain", "caption/prepare_data", "caption/train_teacher",
                                      "caption/distill", "caption/train_nar", "caption/evaluate_narvl",
                                      "caption/benchmark"])
-def test_key_changes_iff_field_changes_results(node_id):
+def test_key_changes_iff_field_changes_results(node_id, converted):
     cfg: PipelineConfig = load_config(profile="smoke", overrides=["tasks=[caption]", "pretrain.enabled=true"])
     node = build_graph(cfg).nodes[node_id]
     base = node_key(node.stage, 1, node.cfg, {})

@@ -151,6 +151,42 @@ def test_killed_run_resumes_to_the_same_weights(shared_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("target", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "rng_rank0.pt"])
+def test_resume_refuses_a_pickle_payload_in_the_checkpoint(shared_data, tmp_path, target):
+    import os
+    import shutil
+
+    from stages import train, train_teacher
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    marker = tmp_path / "payload-ran"
+    cfg = teacher_cfg().model_copy(update={"train": teacher_cfg().train.model_copy(
+        update={"num_workers": 1, "zero_stage": 2, "max_steps": 8, "checkpoint_every": 4})})
+    job, _ = train_teacher.job(cfg, train_teacher.Inputs(data=shared_data), PrintLog())
+    work = _BUILT.get("killed_at_4")
+    if work is None:  # one killed run serves every target
+        work = _BUILT["killed_at_4"] = tmp_path / "work"
+        work.mkdir()
+        with pytest.raises(_Killed):
+            train.run_local(job, _dies_after(4)(work), PrintLog("killed"))
+    out = tmp_path / "out"
+    shutil.copytree(work, out)
+    step_dir = out / "ckpt" / "step_00000004"
+    found = [p for p in step_dir.rglob(target)]
+    assert len(found) == 1, sorted(p.name for p in step_dir.rglob("*"))
+    torch.save({"module": Payload()}, found[0])  # what an attacker with write access to the root could leave
+    with pytest.raises(train.CheckpointRefused) as e:
+        train.run_local(job, train.LocalWorkStore(out), PrintLog("resume"))
+    assert f"ckpt/step_00000004/{found[0].relative_to(step_dir).as_posix()}" in str(e.value)
+    assert not marker.exists()  # refused without unpickling
+    assert not (out / "summary.json").exists()
+
+
 def test_rng_state_round_trips_without_pickle(tmp_path):
     from stages.train import load_rng_state, save_rng_state
 
