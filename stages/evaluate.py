@@ -225,23 +225,34 @@ def blind_candidates(task: str, train_dir: Path, samples: dict[str, dict]) -> di
     from stages.data.shards import iter_split_json
     from stages.data.tasks import majority_answer
 
-    train = list(iter_split_json(train_dir, task))
-    if not train:
-        raise ValueError(f"evaluate: no training samples in {train_dir} for the blind baseline")
+    train = iter_split_json(train_dir, task)  # streamed: a converted training split can be large
+    empty = ValueError(f"evaluate: no training samples in {train_dir} for the blind baseline")
     if task == "caption":
-        objects = scene_objects({str(i): s for i, s in enumerate(train)})
-        if objects is not None:
-            common = Counter(frozenset(o) for o in objects.values()).most_common(1)[0][0]
-            caption = next(train[int(i)]["references"][0] for i, o in objects.items() if o == common)
-        else:
-            caption = Counter(r for s in train for r in s["references"]).most_common(1)[0][0]
+        sets: Counter = Counter()
+        first_caption: dict[frozenset, str] = {}
+        texts: Counter = Counter()
+        has_objects = True
+        for s in train:
+            texts.update(s["references"])
+            objects = scene_objects({"s": s})
+            has_objects = has_objects and objects is not None
+            if has_objects:
+                key = frozenset(objects["s"])
+                sets[key] += 1
+                first_caption.setdefault(key, s["references"][0])
+        if not texts:
+            raise empty
+        caption = first_caption[sets.most_common(1)[0][0]] if has_objects else texts.most_common(1)[0][0]
         return {"fixed caption": dict.fromkeys(samples, caption)}
     if task == "grounding":
         by_text: dict[str, list] = defaultdict(list)
         for s in train:
             by_text[s["expression"]].append(_normalised(s["box"], s["image_size"]))
+        if not by_text:
+            raise empty
         fixed = best_fixed_box([b for boxes in by_text.values() for b in boxes])
-        per_text = {t: best_fixed_box(boxes) for t, boxes in by_text.items()}
+        wanted = {s["expression"] for s in samples.values()} & set(by_text)
+        per_text = {t: best_fixed_box(by_text[t]) for t in wanted}
 
         def scaled(box: list[float], s: dict) -> list[float]:
             w, h = s["image_size"]
@@ -253,14 +264,21 @@ def blind_candidates(task: str, train_dir: Path, samples: dict[str, dict]) -> di
         text, answer = (lambda s: s["question"]), (lambda s: majority_answer(s["answers"]))
     else:
         text, answer = (lambda s: s["hypothesis"]), (lambda s: s["label"])
-    overall = Counter(answer(s) for s in train)
+    keys = {"text prior": lambda t: t, "prefix prior": lambda t: " ".join(t.lower().split()[:3])}
+    counts: dict[str, dict[str, Counter]] = {name: defaultdict(Counter) for name in keys}
+    overall: Counter = Counter()
+    for s in train:
+        a = answer(s)
+        overall[a] += 1
+        for name, key in keys.items():
+            counts[name][key(text(s))][a] += 1
+    if not overall:
+        raise empty
     fallback = overall.most_common(1)[0][0]
     out = {}
-    for name, key in (("text prior", lambda t: t), ("prefix prior", lambda t: " ".join(t.lower().split()[:3]))):
-        counts: dict[str, Counter] = defaultdict(Counter)
-        for s in train:
-            counts[key(text(s))][answer(s)] += 1
-        out[name] = {k: (counts[key(text(s))].most_common(1)[0][0] if key(text(s)) in counts else fallback)
+    for name, key in keys.items():
+        by_key = counts[name]
+        out[name] = {k: (by_key[key(text(s))].most_common(1)[0][0] if key(text(s)) in by_key else fallback)
                      for k, s in samples.items()}
     for a, _ in overall.most_common(BLIND_CONSTANTS):
         out[f"constant {a!r}"] = dict.fromkeys(samples, a)
