@@ -230,8 +230,8 @@ _SYNONYMS = {
     "yes": ("yeah", "yep", "yes it is"), "no": ("nope", "nah", "no way"),
     "red": ("dark red", "bright red"), "green": ("dark green", "light green"), "blue": ("dark blue", "light blue"),
     "yellow": ("gold", "bright yellow"), "purple": ("violet", "dark purple"), "orange": ("dark orange", "amber"),
-    "circle": ("round", "circular"), "square": ("box", "squared"), "triangle": ("triangular", "triangle shape"),
-    "diamond": ("rhombus", "diamond shape"), "cross": ("plus", "plus sign"), "star": ("star shape", "starred"),
+    "circle": ("round", "circular"), "square": ("box", "square shape"), "triangle": ("triangular", "triangle shape"),
+    "diamond": ("rhombus", "diamond shape"), "cross": ("plus", "plus sign"), "star": ("star shape", "five point star"),
 }
 _NEAR = {  # neighbours on the colour wheel; shapes that look alike at low resolution
     "red": ("orange", "purple", "pink"), "orange": ("red", "yellow", "brown"), "yellow": ("orange", "green"),
