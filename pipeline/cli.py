@@ -99,6 +99,7 @@ def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overrid
                    " (training from its last checkpoint)", code=130) from None
     if result.summary is not None:
         console.print(summary_table(result.summary))
+        console.print(gap_table(result.summary))
     console.print(f"report: {result.report_dir / 'report.md'}", soft_wrap=True, highlight=False)
     console.print(f"MLflow parent run: {result.parent_run_id}", highlight=False)
     if not result.ok:
@@ -151,6 +152,20 @@ def summary_table(summary: dict) -> Table:
     for task, rows in summary.get("ablations", {}).items():
         for name, r in rows.items():
             table.add_row(task, f"{r.get('metric') or '-'} [{name}]", "", _f(r.get("value")), "", "", "")
+    return table
+
+
+def gap_table(summary: dict) -> Table:
+    """Per task: the image-blind baseline on the task's gap metric and the share of the gap to 100 each model
+    closes, (score - blind) / (100 - blind)."""
+    table = Table(title="gap closed over an image-blind baseline")
+    for col in ("task", "gap metric", "blind", "AR", "NARVL", "AR closed", "NARVL closed"):
+        table.add_column(col, justify="left" if col in ("task", "gap metric") else "right")
+    for task, row in summary.get("tasks", {}).items():
+        ar, nar = (row.get("ar") or {}).get("gap") or {}, (row.get("narvl") or {}).get("gap") or {}
+        blind = row.get("blind") or {}
+        table.add_row(task, str(blind.get("metric") or "-"), _f(blind.get("value")), _f(ar.get("score")),
+                      _f(nar.get("score")), _f(ar.get("gap_closed")), _f(nar.get("gap_closed")))
     return table
 
 

@@ -2,10 +2,13 @@
 
 Written to `<root>/runs/<timestamp>-<parent_run_id8>/` and logged to the pipeline's parent MLflow run.
 
-summary.json: {"profile", "tasks": {task: {"ar": {"metric", "value", "latency_ms", "metrics"}, "narvl": {...},
-"speedup"}}} plus "ablations": {task: {ablation: {"metric", "value", "metrics"}}} when ablations ran. Values come
-from each evaluate stage's metrics.json ({"metric", "value", "metrics"}, already on the paper's scale: CIDEr
-x100, accuracies in %) and the benchmark's latency.json (batch-1 mean ms of AR beam search and of NARVL).
+summary.json: {"profile", "tasks": {task: {"ar": {"metric", "value", "latency_ms", "metrics", "gap"}, "narvl": {...},
+"speedup", "blind"}}} plus "ablations": {task: {ablation: {"metric", "value", "metrics", "gap"}}} when ablations
+ran. Values come from each evaluate stage's metrics.json ({"metric", "value", "metrics", "gap"}, already on the
+paper's scale: CIDEr x100, accuracies in %) and the benchmark's latency.json (batch-1 mean ms of AR beam search and
+of NARVL). "gap" is {"metric", "score", "blind", "gap_closed", "blind_predictor"} (or null): the model's score on
+the task's gap metric, the image-blind baseline's (both in %) and the share of the gap to 100 it closes; the
+task's "blind" is {"metric", "value", "predictor"}, the same baseline once per task.
 """
 
 from __future__ import annotations
@@ -39,8 +42,22 @@ def _num(v: Any) -> float | None:
 
 def evaluation_row(metrics: dict | None) -> dict[str, Any]:
     metrics = metrics or {}
+    gap = metrics.get("gap")
+    if isinstance(gap, dict):
+        gap = {"metric": gap.get("metric"), "score": _num(gap.get("score")), "blind": _num(gap.get("blind")),
+               "gap_closed": _num(gap.get("gap_closed")), "blind_predictor": gap.get("blind_predictor")}
     return {"metric": metrics.get("metric"), "value": _num(metrics.get("value")),
-            "metrics": metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else {}}
+            "metrics": metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else {},
+            "gap": gap if isinstance(gap, dict) else None}
+
+
+def task_blind(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The task's image-blind baseline from its AR (else NARVL) evaluation: {"metric", "value" (%), "predictor"}."""
+    for kind in ("ar", "narvl"):
+        gap = (row.get(kind) or {}).get("gap")
+        if isinstance(gap, dict) and gap.get("blind") is not None:
+            return {"metric": gap.get("metric"), "value": gap["blind"], "predictor": gap.get("blind_predictor")}
+    return None
 
 
 def build_summary(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStatus],
@@ -68,6 +85,7 @@ def build_summary(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeSta
         if speedup is None and ar_ms and nar_ms:
             speedup = ar_ms / nar_ms
         row["speedup"] = speedup
+        row["blind"] = task_blind(row)
         tasks[task] = row
         for ablation in cfg.task_ablations(task):
             m = load(task, f"evaluate_narvl[{ablation}]", "metrics.json")
@@ -94,12 +112,22 @@ def render_markdown(summary: dict, statuses: dict[str, NodeStatus], info: dict[s
         metric = ar["metric"] or nar["metric"] or "-"
         lines.append(f"| {task} | {metric} | {_fmt(ar['value'])} | {_fmt(nar['value'])}"
                      f" | {_fmt(ar['latency_ms'])} | {_fmt(nar['latency_ms'])} | {_fmt(row['speedup'])}x |")
-    blind = {task: row["ar"]["metrics"].get(f"blind_{row['ar']['metric']}") for task, row in summary["tasks"].items()}
-    blind = {task: v * 100 for task, v in blind.items() if isinstance(v, int | float)}
-    if blind:
-        lines += ["", "Text-only baseline (the answer most often right for the same question / hypothesis in the "
-                  "training split, no image): " + ", ".join(f"{t} {_fmt(v)}" for t, v in blind.items())
-                  + ". The score above it is what a model reads from the image."]
+    gaps = {task: row for task, row in summary["tasks"].items() if row.get("blind")}
+    if gaps:
+        lines += ["", "## Image use: the share of the gap to a perfect score closed over an image-blind baseline", "",
+                  "| task | gap metric | blind (predictor) | AR | NARVL | AR gap closed | NARVL gap closed |",
+                  "|---|---|---|---|---|---|---|"]
+        for task, row in gaps.items():
+            ar, nar = row["ar"].get("gap") or {}, row["narvl"].get("gap") or {}
+            lines.append(f"| {task} | {row['blind']['metric']} | {_fmt(row['blind']['value'])}"
+                         f" ({row['blind']['predictor'] or '-'}) | {_fmt(ar.get('score'))} | {_fmt(nar.get('score'))}"
+                         f" | {_fmt(ar.get('gap_closed'))} | {_fmt(nar.get('gap_closed'))} |")
+        lines += ["", "Blind: the best of a few predictors that never see the image (the most frequent training "
+                  "answer for the same text or its first words, a constant answer, a fixed caption, the best fixed "
+                  "box), chosen on the evaluated samples. Gap closed = (score - blind) / (100 - blind). Gap metrics: "
+                  "caption, the object-set exact match of the parsed captions; VQA, the official accuracy; "
+                  "grounding, Acc@0.5; entailment, the accuracy on the yes/no hypotheses (only the image decides "
+                  "them)."]
     if summary.get("ablations"):
         lines += ["", "## Ablations (NARVL variants)", "",
                   "| task | variant | metric | value |", "|---|---|---|---|"]

@@ -136,7 +136,10 @@ class FakeStage:
     def _evaluate(self, cfg, inputs, out_dir, log) -> dict:
         _record("evaluate", cfg, out_dir, kind=cfg.kind)
         value = 80.0 if cfg.kind == "ar" else 75.0
-        metrics = {"metric": METRIC[cfg.task], "value": value, "metrics": {METRIC[cfg.task]: value, "n": 10}}
+        gap = {"metric": "gap_metric", "score": value / 2, "blind": 20.0, "gap_closed": (value / 2 - 20.0) / 80.0,
+               "blind_predictor": "constant"}
+        metrics = {"metric": METRIC[cfg.task], "value": value, "metrics": {METRIC[cfg.task]: value, "n": 10},
+                   "gap": gap}
         write_json_atomic(out_dir / "metrics.json", metrics)
         log.metrics({METRIC[cfg.task]: value})
         return {"value": value}

@@ -185,8 +185,9 @@ class EvalConfig(Strict):
     nar_beam_size: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
     max_samples: int | None = Field(None, gt=0)
-    blind_baseline: bool = Field(True, description="VQA and entailment: also score a text-only baseline built from "
-                                 "the training split (reads every training sample's JSON once, not its image)")
+    blind_baseline: bool = Field(True, description="also score an image-blind baseline built from the training "
+                                 "split and the gap closed over it (reads every training sample's JSON once, not its "
+                                 "image)")
 
 
 class BenchmarkConfig(Strict):

@@ -1,11 +1,17 @@
 """evaluate: decode the eval split with a trained model (AR beam search or NARVL one-pass CTC) and score it.
 
 Writes `predictions.parquet` (id, prediction, references json, score) and `metrics.json`
-`{"metric": <main metric>, "value": <paper scale>, "metrics": {...}}` (CIDEr x100, accuracies in %).
+`{"metric": <main metric>, "value": <paper scale>, "metrics": {...}, "gap": {...}}` (CIDEr x100, accuracies in %).
 NARVL runs also get diagnostics: the share of eval targets its queries cannot emit under CTC, the mean collapsed
-output length against the reference length, and how often outputs repeat tokens. VQA and entailment runs also get
-the score of a text-only ("blind") baseline on the same samples (`blind_accuracy`): what can be answered from the
-question or hypothesis alone, so that the part of a model's score that needs the image is visible.
+output length against the reference length, and how often outputs repeat tokens.
+
+Every task also gets an image-blind baseline on the same samples (`blind_<metric>` for each metric; see
+`blind_candidates`) and the share of the gap to a perfect score the model closes on the task's gap metric
+(`GAP_METRIC`): `gap = {"metric", "score", "blind" (both in %), "gap_closed": (score - blind) / (100 - blind),
+"blind_predictor"}`, also `metrics.gap_closed`. Captions of the built-in benchmark are scored on the objects they
+name (`semantic_set_acc`, `semantic_object_f1`) beside CIDEr, with an oracle (`oracle_<metric>`: a reference
+against the others). VQA accuracy is also given per official answer type (`accuracy_yes_no`, `accuracy_number`,
+`accuracy_other`); entailment on the yes/no hypotheses (`accuracy_image_dependent`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 from stages.common import StageLog, write_json_atomic
 from stages.config import EvaluateStage
 
-VERSION = 3  # 2: text-only baseline (blind_accuracy); 3: the NARVL decoding from the model's config
+VERSION = 4  # 2: text-only baseline (blind_accuracy); 3: the NARVL decoding from the model's config;
+# 4: blind baselines of every task, gap closed, caption oracle, VQA per answer type
 OUTPUTS = ("predictions.parquet", "metrics.json")
 
 
@@ -86,19 +93,39 @@ def pick_device(pref: str = "auto") -> torch.device:
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------
-def score(task: str, preds: dict[str, Any], samples: dict[str, dict], log: StageLog | None = None
-          ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+def _meta(sample: dict, key: str) -> Any:
+    meta = sample.get("meta")
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+def vqa_types(samples: dict[str, dict]) -> dict[str, str] | None:
+    """The group of each VQA sample for per-type accuracy: the official `answer_type` (yes/no, number, other), as
+    the VQA evaluator groups, when every sample carries one (converted VQA v2 and the built-in benchmark do); else
+    the `question_type` when every sample carries that; else None (no per-type accuracy)."""
+    for key in ("answer_type", "question_type"):
+        types = {k: _meta(s, key) for k, s in samples.items()}
+        if all(isinstance(t, str) and t for t in types.values()):
+            return types
+    return None
+
+
+def type_key(name: str) -> str:
+    """A metric-name-safe form of a type name ("yes/no" -> "yes_no", "what color is the" -> "what_color_is_the")."""
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def score(task: str, preds: dict[str, Any], samples: dict[str, dict], log: StageLog | None = None, *,
+          meteor: bool = True) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """(metrics, per-sample score, references) of the predictions, with stages.metrics."""
     from stages import metrics as M
 
     if task == "caption":
         refs = {k: s["references"] for k, s in samples.items()}
-        ev = M.caption_evaluation(preds, refs, meteor=True, spice=False, log=log)
+        ev = M.caption_evaluation(preds, refs, meteor=meteor, spice=False, log=log)
         out = dict(ev.metrics)
         per = {k: ev.per_sample[k]["CIDEr"] for k in preds}
-        objects = {k: {tuple(o[:3]) for o in s["meta"]["objects"]} for k, s in samples.items()
-                   if isinstance(s.get("meta"), dict) and "objects" in s["meta"]}
-        if len(objects) == len(samples):
+        objects = scene_objects(samples)
+        if objects is not None:
             from stages.data.shapes import parse_caption
 
             sem = M.caption_semantics(preds, objects, parse_caption)
@@ -106,11 +133,9 @@ def score(task: str, preds: dict[str, Any], samples: dict[str, dict], log: Stage
         return out, per, refs
     if task == "vqa":
         refs = {k: s["answers"] for k, s in samples.items()}
-        types = {k: s["meta"]["question_type"] for k, s in samples.items()
-                 if isinstance(s.get("meta"), dict) and "question_type" in s["meta"]}
-        res = M.vqa_accuracy(preds, refs, types if len(types) == len(samples) else None)
+        res = M.vqa_accuracy(preds, refs, vqa_types(samples))
         out = {"accuracy": res["accuracy"], "n": res["n"]}
-        out.update({f"accuracy_{t}": v for t, v in res.get("per_type", {}).items()})
+        out.update({f"accuracy_{type_key(t)}": v for t, v in res.get("per_type", {}).items()})
         return out, dict(res["per_question"]), refs
     if task == "grounding":
         refs = {k: s["box"] for k, s in samples.items()}
@@ -121,6 +146,14 @@ def score(task: str, preds: dict[str, Any], samples: dict[str, dict], log: Stage
     out = M.entailment_metrics(preds, refs)
     per = {k: float(str(preds[k]).strip().lower() == M.snli_ve_label(refs[k])) for k in preds}
     return out, per, refs
+
+
+def scene_objects(samples: dict[str, dict]) -> dict[str, set[tuple]] | None:
+    """The built-in benchmark's (size, colour, shape) objects of every sample; None when a sample lacks them."""
+    objects = {k: _meta(s, "objects") for k, s in samples.items()}
+    if not all(isinstance(o, list) for o in objects.values()):
+        return None
+    return {k: {tuple(o[:3]) for o in objs} for k, objs in objects.items()}
 
 
 def narvl_diagnostics(task: str, outputs: dict[str, list[int]], samples: dict[str, dict], tokenizer,
@@ -147,36 +180,140 @@ def narvl_diagnostics(task: str, outputs: dict[str, list[int]], samples: dict[st
             "duplicate_token_share": dup / n, "num_queries": num_queries}
 
 
-def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> dict[str, Any] | None:
-    """Text-only predictions for the eval samples (VQA and entailment; None for other tasks).
+# ---- image-blind baselines ------------------------------------------------------------------------------------
+# The metric each task's "gap closed" is measured on: (score - blind) / (1 - blind), 1 = perfect. Caption uses the
+# object-set exact match of the parsed captions (the built-in benchmark only; real captions have no ceiling).
+GAP_METRIC = {"caption": "semantic_set_acc", "vqa": "accuracy", "grounding": "acc@0.5",
+              "entailment": "accuracy_image_dependent"}
+BLIND_CONSTANTS = 3  # the most frequent training answers also tried as constant predictions
 
-    VQA: the answer most often right for the same question in the training split (the majority of its ten
-    answers); entailment: the label most often given to the same hypothesis, the premise caption left out. A text
-    the training split never had gets the split's most frequent answer. The question-only prior of the VQA
-    literature; on the built-in benchmark it tells what a model reads from the image (see docs/REPRODUCTION.md).
+
+def _normalised(box: list[float], image_size: list[int]) -> list[float]:
+    w, h = image_size
+    return [box[0] / w, box[1] / h, box[2] / w, box[3] / h]
+
+
+def best_fixed_box(boxes: list[list[float]], max_candidates: int = 256, max_targets: int = 4096) -> list[float]:
+    """The box (one of `boxes`) that reaches IoU >= 0.5 with the most of them: the best fixed answer."""
+    import numpy as np
+
+    b = np.asarray(boxes[:max_targets], dtype=np.float64)  # (M, 4)
+    c = b[:max_candidates]  # (C, 4)
+    iw = np.clip(np.minimum(c[:, None, 2], b[None, :, 2]) - np.maximum(c[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(c[:, None, 3], b[None, :, 3]) - np.maximum(c[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih  # (C, M)
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+    union = area(c)[:, None] + area(b)[None, :] - inter
+    hits = (inter >= 0.5 * np.where(union > 0, union, np.inf)).sum(1)
+    return c[int(hits.argmax())].tolist()
+
+
+def blind_candidates(task: str, train_dir: Path, samples: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Image-blind predictions for the eval samples, by predictor name; each reads the training split only.
+
+    - caption: "fixed caption": one caption for every image: on the built-in benchmark a reference of the most
+      frequent training object set, else the most frequent training reference.
+    - vqa / entailment: "text prior": the answer most often right for the same question (the majority of its ten
+      answers) / the label most often given to the same hypothesis (the premise left out), a text the split never
+      had getting the split's most frequent answer; "prefix prior": the same by the first three words (the VQA
+      question-type prior); "constant <answer>": one of the BLIND_CONSTANTS most frequent training answers.
+    - grounding: "expression prior": the best fixed box (`best_fixed_box`, in image-relative coordinates) of the
+      same expression in training, else "fixed box": the best fixed box of the whole split.
     """
     from collections import Counter, defaultdict
 
     from stages.data.shards import iter_split_json
     from stages.data.tasks import majority_answer
 
+    train = iter_split_json(train_dir, task)  # streamed: a converted training split can be large
+    empty = ValueError(f"evaluate: no training samples in {train_dir} for the blind baseline")
+    if task == "caption":
+        sets: Counter = Counter()
+        first_caption: dict[frozenset, str] = {}
+        texts: Counter = Counter()
+        has_objects = True
+        for s in train:
+            texts.update(s["references"])
+            objects = scene_objects({"s": s})
+            has_objects = has_objects and objects is not None
+            if has_objects:
+                key = frozenset(objects["s"])
+                sets[key] += 1
+                first_caption.setdefault(key, s["references"][0])
+        if not texts:
+            raise empty
+        caption = first_caption[sets.most_common(1)[0][0]] if has_objects else texts.most_common(1)[0][0]
+        return {"fixed caption": dict.fromkeys(samples, caption)}
+    if task == "grounding":
+        by_text: dict[str, list] = defaultdict(list)
+        for s in train:
+            by_text[s["expression"]].append(_normalised(s["box"], s["image_size"]))
+        if not by_text:
+            raise empty
+        fixed = best_fixed_box([b for boxes in by_text.values() for b in boxes])
+        wanted = {s["expression"] for s in samples.values()} & set(by_text)
+        per_text = {t: best_fixed_box(by_text[t]) for t in wanted}
+
+        def scaled(box: list[float], s: dict) -> list[float]:
+            w, h = s["image_size"]
+            return [box[0] * w, box[1] * h, box[2] * w, box[3] * h]
+
+        return {"expression prior": {k: scaled(per_text.get(s["expression"], fixed), s) for k, s in samples.items()},
+                "fixed box": {k: scaled(fixed, s) for k, s in samples.items()}}
     if task == "vqa":
-        key, answer = (lambda s: s["question"]), (lambda s: majority_answer(s["answers"]))
-    elif task == "entailment":
-        key, answer = (lambda s: s["hypothesis"]), (lambda s: s["label"])
+        text, answer = (lambda s: s["question"]), (lambda s: majority_answer(s["answers"]))
     else:
-        return None
-    by_text: dict[str, Counter] = defaultdict(Counter)
+        text, answer = (lambda s: s["hypothesis"]), (lambda s: s["label"])
+    keys = {"text prior": lambda t: t, "prefix prior": lambda t: " ".join(t.lower().split()[:3])}
+    counts: dict[str, dict[str, Counter]] = {name: defaultdict(Counter) for name in keys}
     overall: Counter = Counter()
-    for s in iter_split_json(train_dir, task):
+    for s in train:
         a = answer(s)
-        by_text[key(s)][a] += 1
         overall[a] += 1
+        for name, key in keys.items():
+            counts[name][key(text(s))][a] += 1
     if not overall:
-        raise ValueError(f"evaluate: no training samples in {train_dir} for the text-only baseline")
+        raise empty
     fallback = overall.most_common(1)[0][0]
-    return {k: (by_text[key(s)].most_common(1)[0][0] if key(s) in by_text else fallback)
-            for k, s in samples.items()}
+    out = {}
+    for name, key in keys.items():
+        by_key = counts[name]
+        out[name] = {k: (by_key[key(text(s))].most_common(1)[0][0] if key(text(s)) in by_key else fallback)
+                     for k, s in samples.items()}
+    for a, _ in overall.most_common(BLIND_CONSTANTS):
+        out[f"constant {a!r}"] = dict.fromkeys(samples, a)
+    return out
+
+
+def blind_baseline(task: str, train_dir: Path, samples: dict[str, dict]) -> tuple[str, dict[str, float]]:
+    """The strongest image-blind predictor of `blind_candidates` on the task's gap metric (the main metric where
+    the gap metric is not reported), chosen on the eval samples themselves so that the baseline errs high:
+    (its name, its metrics without counts)."""
+    best: tuple[str, dict[str, float]] | None = None
+    for name, preds in blind_candidates(task, train_dir, samples).items():
+        metrics = score(task, preds, samples, meteor=False)[0]
+        metric = GAP_METRIC[task] if GAP_METRIC[task] in metrics else MAIN_METRIC[task]
+        if best is None or metrics[metric] > best[1][metric]:
+            best = (name, metrics)
+    assert best is not None
+    return best[0], {k: float(v) for k, v in best[1].items() if k not in ("n", "n_missing")}
+
+
+def gap_closed(score_value: float, blind: float, ceiling: float = 1.0) -> float | None:
+    """The share of the gap between the blind baseline and a perfect score that a model closes:
+    (score - blind) / (ceiling - blind); None when the blind baseline is already perfect."""
+    return (score_value - blind) / (ceiling - blind) if ceiling > blind else None
+
+
+def caption_oracle(samples: dict[str, dict]) -> dict[str, float] | None:
+    """A human-like caption scored like a model's: each image's first reference against the others (CIDEr etc.)
+    and its parsed objects against the scene (object-set exact match 1.0 on the built-in benchmark); None when an
+    image has a single reference."""
+    if any(len(s["references"]) < 2 for s in samples.values()):
+        return None
+    preds = {k: s["references"][0] for k, s in samples.items()}
+    rest = {k: {**s, "references": s["references"][1:]} for k, s in samples.items()}
+    return {k: float(v) for k, v in score("caption", preds, rest, meteor=False)[0].items() if k != "n"}
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------
@@ -228,9 +365,19 @@ def run(cfg: EvaluateStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dic
         raise ValueError(f"evaluate: no samples in {data_dir / ec.split}")
 
     metrics, per, refs = score(cfg.task, preds, samples, log)
-    blind = blind_baseline(cfg.task, data_dir / "train", samples) if ec.blind_baseline else None
-    if blind is not None:
-        metrics[f"blind_{MAIN_METRIC[cfg.task]}"] = score(cfg.task, blind, samples)[0][MAIN_METRIC[cfg.task]]
+    gap = None
+    if cfg.task == "caption" and (oracle := caption_oracle(samples)) is not None:
+        metrics.update({f"oracle_{k}": v for k, v in oracle.items()})
+    if ec.blind_baseline:
+        blind_name, blind = blind_baseline(cfg.task, data_dir / "train", samples)
+        metrics.update({f"blind_{k}": v for k, v in blind.items()})
+        gap_metric = GAP_METRIC[cfg.task]
+        if gap_metric in metrics and gap_metric in blind:
+            closed = gap_closed(float(metrics[gap_metric]), blind[gap_metric])
+            gap = {"metric": gap_metric, "score": 100 * float(metrics[gap_metric]), "blind": 100 * blind[gap_metric],
+                   "gap_closed": closed, "blind_predictor": blind_name}
+            if closed is not None:
+                metrics["gap_closed"] = closed
     if cfg.kind == "narvl":
         metrics.update(narvl_diagnostics(cfg.task, outputs, samples, tokenizer, model.cfg.num_queries))
     name = MAIN_METRIC[cfg.task]
@@ -241,10 +388,12 @@ def run(cfg: EvaluateStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dic
          "references": json.dumps(refs[k]), "score": float(per[k])} for k in preds]),
         out_dir / "predictions.parquet")
     result = {"metric": name, "value": value, "kind": cfg.kind, "task": cfg.task, "split": ec.split,
-              "n": len(preds), "metrics": {k: float(v) for k, v in metrics.items()},
+              "n": len(preds), "metrics": {k: float(v) for k, v in metrics.items()}, "gap": gap,
               "decode_s": decode_s, "wall_s": time.perf_counter() - t0, "device": str(device)}
     write_json_atomic(out_dir / "metrics.json", result)
     log.metrics({f"eval/{k}": float(v) for k, v in metrics.items()})
+    closed = f"; {gap['metric']} {gap['score']:.2f} vs blind {gap['blind']:.2f} ({gap['blind_predictor']}), " \
+        f"gap closed {gap['gap_closed']:.2f}" if gap and gap["gap_closed"] is not None else ""
     log.info(f"evaluate {cfg.task} {cfg.kind}: {name} = {value:.2f} on {len(preds)} {ec.split} samples "
-             f"({decode_s:.1f} s decoding)")
+             f"({decode_s:.1f} s decoding){closed}")
     return result

@@ -19,7 +19,7 @@ from stages.data import shapes
 from stages.data.shards import DataError, ShardWriter, iter_tar, parse_sample, read_split_manifest
 from stages.data.tasks import all_targets, sample_texts
 
-VERSION = 2
+VERSION = 3  # 3: shapes generator 3 (VQA annotator disagreement, image-dependent entailment)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ def test_run_plan_compare(ray_session, tmp_path, monkeypatch):
     assert "report:" in res.output and "CIDEr" in res.output and "caption/train_nar: succeeded" in res.output
     summary = next((tmp_path / "art" / "runs").glob("*/summary.json"))
     assert json.loads(summary.read_text())["tasks"]["caption"]["speedup"] == 10.0
+    assert "gap closed over an image-blind baseline" in res.output and "0.25" in res.output  # the fakes' gap
 
     res = runner.invoke(app, ["plan", *sel, "--force", "train_nar"])
     assert res.exit_code == 0

@@ -212,13 +212,19 @@ def test_summary_contract(base):
     summary = json.loads((result.report_dir / "summary.json").read_text())
     assert set(summary) == {"profile", "tasks"} and summary["profile"] == "smoke"
     row = summary["tasks"]["caption"]
-    assert set(row) == {"ar", "narvl", "speedup"}
+    assert set(row) == {"ar", "narvl", "speedup", "blind"}
     for kind, value, ms in (("ar", 80.0, 50.0), ("narvl", 75.0, 5.0)):
-        assert set(row[kind]) == {"metric", "value", "latency_ms", "metrics"}
+        assert set(row[kind]) == {"metric", "value", "latency_ms", "metrics", "gap"}
         assert row[kind]["metric"] == "CIDEr" and row[kind]["value"] == value and row[kind]["latency_ms"] == ms
+        closed = pytest.approx((value / 2 - 20.0) / 80.0)
+        assert row[kind]["gap"] == {"metric": "gap_metric", "score": value / 2, "blind": 20.0, "gap_closed": closed,
+                                    "blind_predictor": "constant"}
+    assert row["blind"] == {"metric": "gap_metric", "value": 20.0, "predictor": "constant"}
     assert row["speedup"] == pytest.approx(10.0)
     assert result.report_dir.parent == base / "runs" and result.report_dir.name.endswith(result.parent_run_id[:8])
-    assert (result.report_dir / "report.md").read_text().count("| caption |") == 1
+    report = (result.report_dir / "report.md").read_text()
+    assert report.count("| caption |") == 2  # Table 1 and the gap-closed table
+    assert "| caption | gap_metric | 20.00 (constant) | 40.00 | 37.50 | 0.25 | 0.22 |" in report
     assert (result.report_dir / "metric_vs_latency.png").exists()
     assert (result.report_dir / "curves_caption.png").exists()
 

@@ -26,6 +26,12 @@ def test_evaluate_writes_the_contract(kind, shared_data, shared_teacher, shared_
     assert len(rows) == 16 and set(rows[0]) == {"id", "prediction", "references", "score"}
     assert sum(r["score"] for r in rows) / 16 == pytest.approx(saved["metrics"]["accuracy"])
     assert 0.0 <= saved["metrics"]["blind_accuracy"] <= 1.0  # the text-only baseline of the same samples
+    gap = saved["gap"]  # and the share of the gap to 100 the model closes over it
+    assert gap["metric"] == "accuracy" and gap["blind"] == pytest.approx(100 * saved["metrics"]["blind_accuracy"])
+    assert gap["gap_closed"] == pytest.approx((saved["value"] - gap["blind"]) / (100 - gap["blind"]))
+    assert saved["metrics"]["gap_closed"] == pytest.approx(gap["gap_closed"])
+    assert {k for k in saved["metrics"] if k.startswith("accuracy_")} <= {"accuracy_yes_no", "accuracy_number",
+                                                                         "accuracy_other"}
     if kind == "narvl":
         keys = ("infeasible_eval_target_rate", "mean_output_len", "mean_reference_len", "adjacent_repeat_rate")
         assert set(keys) <= set(saved["metrics"])
@@ -48,18 +54,57 @@ def test_perfect_predictions_score_100_on_the_paper_scale():
     assert word == "maybe" and metrics["accuracy"] == 1.0 and per["e"] == 1.0
 
 
-def test_blind_baseline_answers_each_text_with_its_most_frequent_training_answer(tmp_path):
-    from stages.data.shapes import make_sample
-    from stages.data.shards import ShardWriter
+def test_vqa_accuracy_per_official_answer_type():
+    def sample(k: str, answers: list[str], answer_type: str | None, question_type: str) -> dict:
+        return {"id": k, "task": "vqa", "question": "q?", "answers": answers,
+                "meta": {"answer_type": answer_type, "question_type": question_type}}
 
-    writer = ShardWriter(tmp_path / "train", "train", 4)
-    for i, (hypothesis, label) in enumerate([("h1", "no"), ("h1", "no"), ("h1", "yes"), ("h2", "maybe"),
-                                             ("h3", "yes"), ("h4", "yes")]):
-        sample, png = make_sample("entailment", "train", i, 32, 0, 2)
-        writer.write({**sample, "hypothesis": hypothesis, "label": label}, png, "png")
-    writer.close({"name": "test"})
-    samples = {k: {"id": k, "task": "entailment", "hypothesis": h, "label": "no"} for k, h in
-               [("a", "h1"), ("b", "h2"), ("c", "never seen")]}
-    # h1: "no" twice, "yes" once; an unseen hypothesis gets the split's most frequent label ("yes": 3 of 6)
-    assert evaluate.blind_baseline("entailment", tmp_path / "train", samples) == {"a": "no", "b": "maybe", "c": "yes"}
-    assert evaluate.blind_baseline("grounding", tmp_path / "train", samples) is None
+    samples = {"a": sample("a", ["yes"] * 10, "yes/no", "is there a"),
+               "b": sample("b", ["no"] * 10, "yes/no", "is the"),
+               "c": sample("c", ["2"] * 9 + ["two"], "number", "how many"),
+               "d": sample("d", ["red"] * 7 + ["dark red"] * 3, "other", "what color is the")}
+    metrics, _, _ = evaluate.score("vqa", {"a": "yes", "b": "yes", "c": "two", "d": "dark red"}, samples)
+    # grouped by the answer type as the official evaluator does, not by the question type
+    assert {k for k in metrics if k.startswith("accuracy_")} == {"accuracy_yes_no", "accuracy_number",
+                                                                "accuracy_other"}
+    assert metrics["accuracy_yes_no"] == 0.5 and metrics["accuracy_number"] == 1.0
+    assert metrics["accuracy_other"] == pytest.approx(0.9)  # 3 of 10 annotators: 0.9 over the 10 subsets
+    # without an answer type on every sample, the question type groups (as before); with neither, no groups
+    samples["d"]["meta"]["answer_type"] = None
+    assert "accuracy_what_color_is_the" in evaluate.score("vqa", {"d": "red"}, {"d": samples["d"]})[0]
+    bare = {"d": {k: v for k, v in samples["d"].items() if k != "meta"}}
+    assert not [k for k in evaluate.score("vqa", {"d": "red"}, bare)[0] if k.startswith("accuracy_")]
+
+
+@pytest.mark.realdata
+def test_vqa_answer_types_of_converted_vqa_v2(realdata, tmp_path):
+    """Real VQA v2 questions through the converter and the evaluate stage's scoring: the per-type accuracy is the
+    official evaluator's perAnswerType (answer_type of the annotations), computed here from the official files."""
+    from PIL import Image
+
+    from stages.data.converters import convert
+    from stages.data.shards import iter_split_json
+    from stages.metrics import load_vqa_official, vqa_score
+
+    vqa = realdata / "vqa"
+    questions, annotations = vqa / "v2_OpenEnded_mscoco_train2014_questions_5q.json", \
+        vqa / "v2_mscoco_train2014_annotations_5q.json"
+    official = load_vqa_official(questions, annotations)
+    for q in official.values():
+        path = tmp_path / "images" / f"COCO_train2014_{q['image_id']:012d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 32), (10, 120, 30)).save(path, format="JPEG")
+    convert("vqa", {"images": tmp_path / "images", "questions": {"val2014": questions},
+                    "annotations": {"val2014": annotations}, "progress": False, "workers": 1}, tmp_path / "out")
+    samples = {s["id"]: s for s in iter_split_json(tmp_path / "out" / "vqa" / "val", "vqa")}
+    assert len(samples) == len(official) == 5
+    preds = {k: "orange" if i % 2 else "yes" for i, k in enumerate(samples)}
+    metrics, _, _ = evaluate.score("vqa", preds, samples)
+    expected: dict[str, list[float]] = {}
+    for k, s in samples.items():
+        q = official[s["meta"]["question_id"]]
+        expected.setdefault(q["answer_type"], []).append(vqa_score(preds[k], q["answers"]))
+    assert {t for t in expected} == {"yes/no", "other"}  # question types there: "what is this", "is this", ...
+    for answer_type, scores in expected.items():
+        assert metrics[f"accuracy_{evaluate.type_key(answer_type)}"] == pytest.approx(sum(scores) / len(scores))
+    assert not [k for k in metrics if k.startswith("accuracy_what")]

@@ -46,9 +46,11 @@ def test_smoke_pipeline_end_to_end(smoke_run):
         assert row["speedup"] > 0
     report = (result.report_dir / "report.md").read_text()
     assert report.count("|") > 10
-    if "vqa" in cfg.tasks:  # the question-only baseline, next to the table
-        blind = result.summary["tasks"]["vqa"]["ar"]["metrics"]["blind_accuracy"]
-        assert f"vqa {100 * blind:.2f}" in report
+    for task, row in summary["tasks"].items():  # the image-blind baseline and the gap closed, in the report too
+        blind, gap = row["blind"], row["ar"]["gap"]
+        assert blind["value"] == pytest.approx(100 * row["ar"]["metrics"][f"blind_{blind['metric']}"])
+        assert gap["gap_closed"] == pytest.approx((gap["score"] - gap["blind"]) / (100 - gap["blind"]))
+        assert f"| {task} | {blind['metric']} | {blind['value']:.2f} ({blind['predictor']}) |" in report
     # every executed stage left a finished folder with the manifest written last and the resolved config
     from pipeline.storage import verify_files
 

@@ -143,19 +143,43 @@ def test_referring_expressions_unique(data):
     assert "the red object" in exprs
 
 
+def _hypothesis_holds(sample: dict) -> bool:
+    """The truth of a yes/no hypothesis, read from the scene's objects."""
+    objs, hyp, kind = _objs(sample), sample["hypothesis"].split(), sample["meta"]["hypothesis_type"]
+    if kind == "exists":  # there is a(n) <colour> <shape>
+        return any((o.colour, o.shape) == tuple(hyp[-2:]) for o in objs)
+    if kind == "colour":  # the <shape> is <colour>
+        return next(o.colour for o in objs if o.shape == hyp[1]) == hyp[3]
+    if kind == "count":  # there is/are <number> object(s)
+        return shapes.NUMBER_WORDS.index(hyp[2]) == len(objs)
+    a = next(o for o in objs if (o.colour, o.shape) == (hyp[1], hyp[2]))  # the <c> <s> is left of / above the <c> <s>
+    b = next(o for o in objs if (o.colour, o.shape) == tuple(hyp[-2:]))
+    return a.cx < b.cx if hyp[4] == "left" else a.cy < b.cy
+
+
 def test_entailment_balanced_and_consistent(data):
     labels = Counter(s["label"] for s, _ in data["entailment"])
     assert labels == {"yes": N // 3, "no": N // 3, "maybe": N // 3}
-    for sample, _ in data["entailment"]:
+    items = data["entailment"] + list(generate("entailment", "val", 240, 64, seed=4))
+    kinds = Counter()
+    for sample, _ in items:
         truth = {tuple(o[:3]) for o in sample["meta"]["objects"]}
-        assert parse_caption(sample["premise"]) <= truth
-        hyp = sample["hypothesis"]
-        if sample["meta"]["hypothesis_type"] == "exists":
-            colour, shape = hyp.split()[-2:]
-            present = any(o[1] == colour and o[2] == shape for o in truth)
-            assert present == (sample["label"] == "yes")
+        named = parse_caption(sample["premise"])
+        assert named <= truth and len(named) == sample["meta"]["premise_objects"] < len(truth) + 1
+        kind = sample["meta"]["hypothesis_type"]
         if sample["label"] == "maybe":
-            assert sample["meta"]["hypothesis_type"] == "unknowable"
+            assert kind == "unknowable"
+            continue
+        kinds[kind] += 1
+        assert _hypothesis_holds(sample) == (sample["label"] == "yes"), sample
+        # the premise names none of the hypothesis's objects (and nothing at all under a count): only the image
+        # decides a yes/no hypothesis
+        words = sample["hypothesis"].split()
+        pairs = set(zip([w for w in words if w in COLOURS], [w for w in words if w in SHAPES], strict=True))
+        assert not pairs & {o[1:] for o in named} and not (kind == "count" and named)
+        if kind == "colour":
+            assert sum(o[2] == words[1] for o in truth) == 1  # "the <shape>" names one object
+    assert set(kinds) == {"exists", "colour", "count", "spatial"}
 
 
 def test_every_colour_and_shape_appears(data):

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from stages.data.schema import task_prompt
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: VQA annotators disagree by synonyms / near answers; entailment yes/no need the image
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
@@ -229,15 +229,45 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape == "cross" else "s")
 
 
-def _annotate(answer: str, variants: list[str], wrong: list[str], rng: np.random.Generator) -> list[str]:
-    """10 annotator answers: a strict majority of `answer`, some equivalent variants and a few wrong ones."""
+# How annotators who do not give the canonical answer disagree (VQA v2's human answers): mostly a synonym or a near
+# answer (a neighbouring number, a neighbouring colour, a look-alike shape), rarely something unrelated. On yes/no
+# questions nobody gives the opposite answer, so a blind "yes" gets no partial credit on a "no" question.
+_SYNONYMS = {
+    "yes": ("yeah", "yep", "yes it is"), "no": ("nope", "nah", "no way"),
+    "red": ("dark red", "bright red"), "green": ("dark green", "light green"), "blue": ("dark blue", "light blue"),
+    "yellow": ("gold", "bright yellow"), "purple": ("violet", "dark purple"), "orange": ("dark orange", "amber"),
+    "circle": ("round", "circular"), "square": ("box", "square shape"), "triangle": ("triangular", "triangle shape"),
+    "diamond": ("rhombus", "diamond shape"), "cross": ("plus", "plus sign"), "star": ("star shape", "five point star"),
+}
+_NEAR = {  # neighbours on the colour wheel; shapes that look alike at low resolution
+    "red": ("orange", "purple", "pink"), "orange": ("red", "yellow", "brown"), "yellow": ("orange", "green"),
+    "green": ("yellow", "blue"), "blue": ("green", "purple"), "purple": ("blue", "red", "pink"),
+    "circle": ("oval", "star"), "square": ("rectangle", "diamond"), "triangle": ("diamond", "pyramid"),
+    "diamond": ("square", "triangle"), "cross": ("star", "x"), "star": ("cross", "circle"),
+}
+_UNRELATED = ("not sure", "unknown", "nothing", "shapes", "gray", "black", "white", "background")
+P_SYNONYM, P_NEAR = 0.45, 0.4  # of a disagreeing annotator; the rest (0.15) answer something unrelated
+
+
+def _annotate(answer: str, synonyms: list[str], near: list[str], rng: np.random.Generator) -> list[str]:
+    """10 annotator answers: a strict majority (6..9) of `answer`; each other annotator gives a synonym (p 0.45), a
+    near answer (p 0.4) or an unrelated one (p 0.15), falling back to the next kind when a pool is empty."""
     n_right = int(rng.integers(6, 10))
     rest = []
     for _ in range(10 - n_right):
-        pool = variants if variants and rng.random() < 0.6 else wrong
-        rest.append(pool[int(rng.integers(len(pool)))] if pool else answer)
+        u = rng.random()
+        pool: list[str] = []
+        if u < P_SYNONYM + P_NEAR:
+            first, second = (synonyms, near) if u < P_SYNONYM else (near, synonyms)
+            pool = first or second
+        pool = pool or [w for w in _UNRELATED if w != answer]
+        rest.append(pool[int(rng.integers(len(pool)))])
     answers = [answer] * n_right + rest
     return [answers[i] for i in rng.permutation(10)]
+
+
+ANSWER_TYPES = {"count": "number", "exists": "yes/no", "spatial": "yes/no", "colour": "other", "shape": "other",
+                "multi": "other"}  # question type -> VQA v2 answer type
 
 
 def _left_of(a: Obj, b: Obj, margin: float) -> bool:
@@ -262,8 +292,8 @@ def vqa_item(objs: list[Obj], rng: np.random.Generator, image_size: int) -> dict
         shape = SHAPES[int(rng.integers(6))] if rng.random() < 0.3 else objs[int(rng.integers(len(objs)))].shape
         c = shape_count.get(shape, 0)
         question, answer = f"how many {_plural(shape)} are there?", str(c)
-        variants = [NUMBER_WORDS[c]]
-        wrong = [str(x) for x in range(5) if x != c]
+        synonyms = [NUMBER_WORDS[c]] + (["none"] if c == 0 else [])  # the metric maps them to the digit
+        near = [str(x) for x in (c - 1, c + 1) if x >= 0]
     elif kind == "colour":
         unique = [o for o in objs if shape_count[o.shape] == 1] or objs
         o = unique[int(rng.integers(len(unique)))]
@@ -272,15 +302,13 @@ def vqa_item(objs: list[Obj], rng: np.random.Generator, image_size: int) -> dict
             kind = "exists"  # no short unique name: ask existence instead
         else:
             question, answer = f"what color is the {ref}?", o.colour
-            variants = []
-            wrong = [c for c in COLOURS if c != o.colour]
+            synonyms, near = list(_SYNONYMS[o.colour]), list(_NEAR[o.colour])
     if kind == "shape":
         unique = [o for o in objs if colour_count[o.colour] == 1]
         if unique:
             o = unique[int(rng.integers(len(unique)))]
             question, answer = f"what shape is the {o.colour} object?", o.shape
-            variants = []
-            wrong = [s for s in SHAPES if s != o.shape]
+            synonyms, near = list(_SYNONYMS[o.shape]), list(_NEAR[o.shape])
         else:
             kind = "exists"
     if kind == "exists":
@@ -292,7 +320,7 @@ def vqa_item(objs: list[Obj], rng: np.random.Generator, image_size: int) -> dict
             colour, shape = absent[int(rng.integers(len(absent)))]
         question = f"is there {_a(colour)} {shape}?"
         answer = "yes" if (colour, shape) in present else "no"
-        variants, wrong = [], ["no" if answer == "yes" else "yes"]
+        synonyms, near = list(_SYNONYMS[answer]), []
     elif kind == "spatial":
         a, b = pairs[int(rng.integers(len(pairs)))]
         horizontal = abs(a.cx - b.cx) > margin and (abs(a.cy - b.cy) <= margin or rng.random() < 0.5)
@@ -300,16 +328,17 @@ def vqa_item(objs: list[Obj], rng: np.random.Generator, image_size: int) -> dict
         truth = _left_of(a, b, 0) if horizontal else _above(a, b, 0)
         question = f"is the {a.colour} {a.shape} {relation} the {b.colour} {b.shape}?"
         answer = "yes" if truth else "no"
-        variants, wrong = [], ["no" if answer == "yes" else "yes"]
+        synonyms, near = list(_SYNONYMS[answer]), []
     elif kind == "multi":
         shape = multi[int(rng.integers(len(multi)))]
         two = sorted((o for o in objs if o.shape == shape), key=lambda o: (o.cx, o.cy))
         question = f"what colors are the {_plural(shape)}?"
         answer = f"{two[0].colour} and {two[1].colour}"
-        variants = [f"{two[1].colour} and {two[0].colour}"]
-        wrong = [two[0].colour, two[1].colour]
-    answers = _annotate(answer, variants, wrong, rng)
-    return {"question": question, "answers": answers, "meta": {"question_type": kind, "answer": answer}}
+        synonyms = [f"{two[1].colour} and {two[0].colour}"]
+        near = [two[0].colour, two[1].colour]
+    answers = _annotate(answer, synonyms, near, rng)
+    return {"question": question, "answers": answers,
+            "meta": {"question_type": kind, "answer_type": ANSWER_TYPES[kind], "answer": answer}}
 
 
 # ---- grounding ----------------------------------------------------------------------------------------------
@@ -360,48 +389,81 @@ _MAYBE = ("the {o} is made of wood", "the {o} is heavy", "the {o} was drawn by a
           "the {o} is someone's favorite", "the {o} is very old", "the {o} is hot", "the {o} belongs to a game")
 
 
-def entailment_item(objs: list[Obj], rng: np.random.Generator, index: int, image_size: int) -> dict:
-    """A premise caption of some of the objects and a hypothesis that is true, false or undecidable."""
-    subset = [objs[i] for i in sorted(rng.choice(len(objs), size=int(rng.integers(1, len(objs) + 1)),
-                                                 replace=False))]
-    premise = caption_variants(subset, rng, k=1)[0]
+_GENERIC_PREMISES = ("an image of shapes", "some shapes on a noisy background", "a picture of a few shapes",
+                     "shapes on a grey background")
+P_COUNT_HYPOTHESIS = 0.25
+
+
+def _count_hypothesis(n: int) -> str:
+    return f"there {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}"
+
+
+def entailment_item(objs: list[Obj], rng: np.random.Generator, index: int, image_size: int, max_objects: int
+                    ) -> dict:
+    """A premise and a hypothesis that is true ("yes"), false ("no") or undecidable ("maybe") of the image.
+
+    A yes/no hypothesis is about objects the premise does not name, and everything but its truth is drawn without
+    looking at the label, yes and no worded alike: only the image decides it (a text-only reader, premise
+    included, is at chance on them; the "maybe" templates are told apart by their text and are not counted as
+    image-dependent). The kind is drawn first, then its subject ("focus") objects, then the premise: a caption of
+    a random subset of the other objects (none: a generic premise). Kinds: exists ("there is a red circle"; "no"
+    names an absent pair), colour ("the circle is red", a shape the scene has once), spatial ("the red circle is
+    left of / above the blue star") and count ("there are three objects", with a generic premise: a named object
+    would bound the count).
+    """
+    n = len(objs)
     label = ("yes", "no", "maybe")[index % 3]
-    o = objs[int(rng.integers(len(objs)))]
-    present = {(p.colour, p.shape) for p in objs}
     margin = image_size / 16
-    if label == "maybe":
-        hypothesis = _MAYBE[int(rng.integers(len(_MAYBE)))].format(o=f"{o.colour} {o.shape}")
-        kind = "unknowable"
+    shape_count = Counter(o.shape for o in objs)
+    single = [i for i, o in enumerate(objs) if shape_count[o.shape] == 1]
+    pairs = [(i, j, rel) for i, a in enumerate(objs) for j, b in enumerate(objs) if i != j
+             for rel, d in (("left of", b.cx - a.cx), ("above", b.cy - a.cy)) if d > margin]  # a rel b holds
+    kind = "count" if max_objects > 1 and rng.random() < P_COUNT_HYPOTHESIS else \
+        ("exists", "colour", "spatial")[int(rng.integers(3))]
+    if kind == "colour" and not single or kind == "spatial" and not pairs:
+        # Each stands in for the other (one object: colour; no shape the scene has once: two objects, apart), never
+        # exists: exists would then come more often from scenes with a repeated shape, a hint in the text.
+        kind = "spatial" if kind == "colour" else "colour"
+    if kind == "colour":
+        focus = [single[int(rng.integers(len(single)))]]
+    elif kind == "spatial":
+        i, j, relation = pairs[int(rng.integers(len(pairs)))]
+        focus = [i, j]
+    elif kind == "exists" or label == "maybe":
+        focus = [int(rng.integers(n))]
     else:
-        kinds = ["exists", "colour", "count"] + (["spatial"] if len(objs) > 1 else [])
-        kind = kinds[int(rng.integers(len(kinds)))]
-        if kind == "exists":
-            if label == "yes":
-                hypothesis = f"there is {_a(o.colour)} {o.shape}"
-            else:
-                absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-                c, s = absent[int(rng.integers(len(absent)))]
-                hypothesis = f"there is {_a(c)} {s}"
-        elif kind == "colour":
-            others = [c for c in COLOURS if (c, o.shape) not in present]
-            colour = o.colour if label == "yes" else others[int(rng.integers(len(others)))]
-            hypothesis = f"the {o.shape} is {colour}" if sum(p.shape == o.shape for p in objs) == 1 else \
-                f"there is {_a(colour)} {o.shape}"
-        elif kind == "count":
-            n = len(objs) if label == "yes" else int(rng.choice([k for k in range(1, 5) if k != len(objs)]))
-            hypothesis = f"there {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}"
-        else:
-            pairs = [(a, b) for a in objs for b in objs if a is not b and a.cx < b.cx - margin]
-            if not pairs:
-                n = len(objs) if label == "yes" else int(rng.choice([k for k in range(1, 5) if k != len(objs)]))
-                hypothesis = f"there {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}"
-                kind = "count"
-            else:
-                a, b = pairs[int(rng.integers(len(pairs)))]
-                if label == "no":
-                    a, b = b, a
-                hypothesis = f"the {a.colour} {a.shape} is left of the {b.colour} {b.shape}"
-    return {"premise": premise, "hypothesis": hypothesis, "label": label, "meta": {"hypothesis_type": kind}}
+        focus = list(range(n))  # count: the premise names nothing
+    others = [i for i in range(n) if i not in focus]
+    k = int(rng.integers(0, len(others) + 1))
+    named = sorted(int(i) for i in rng.choice(others, size=k, replace=False)) if k else []
+    premise = caption_variants([objs[i] for i in named], rng, k=1)[0] if named else \
+        _GENERIC_PREMISES[int(rng.integers(len(_GENERIC_PREMISES)))]
+    meta = {"hypothesis_type": kind, "premise_objects": k}
+    if label == "maybe":
+        o = objs[focus[0]]
+        hypothesis = _MAYBE[int(rng.integers(len(_MAYBE)))].format(o=f"{o.colour} {o.shape}")
+        return {"premise": premise, "hypothesis": hypothesis, "label": label,
+                "meta": {**meta, "hypothesis_type": "unknowable"}}
+    if kind == "count":
+        m = n if label == "yes" else int(rng.choice([c for c in range(1, max_objects + 1) if c != n]))
+        hypothesis = _count_hypothesis(m)
+    elif kind == "exists":
+        o = objs[focus[0]]
+        colour, shape = o.colour, o.shape
+        if label == "no":
+            present = {(p.colour, p.shape) for p in objs}
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+            colour, shape = absent[int(rng.integers(len(absent)))]
+        hypothesis = f"there is {_a(colour)} {shape}"
+    elif kind == "colour":
+        o = objs[focus[0]]
+        others_c = [c for c in COLOURS if c != o.colour]
+        colour = o.colour if label == "yes" else others_c[int(rng.integers(len(others_c)))]
+        hypothesis = f"the {o.shape} is {colour}"
+    else:
+        a, b = (objs[i] for i in (focus if label == "yes" else focus[::-1]))
+        hypothesis = f"the {a.colour} {a.shape} is {relation} the {b.colour} {b.shape}"
+    return {"premise": premise, "hypothesis": hypothesis, "label": label, "meta": meta}
 
 
 # ---- samples ------------------------------------------------------------------------------------------------
@@ -424,7 +486,7 @@ def make_sample(task: str, split: str, index: int, image_size: int, seed: int, m
     elif task == "grounding":
         fields = grounding_item(objs, rng, image_size)
     else:
-        fields = entailment_item(objs, rng, index, image_size)
+        fields = entailment_item(objs, rng, index, image_size, max_objects)
     meta = fields.pop("meta", {})
     sample.update(fields)
     sample["prompt"] = task_prompt(task, sample)

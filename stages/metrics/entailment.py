@@ -17,8 +17,9 @@ def entailment_metrics(
     a prediction, counts as wrong. Gold labels may be SNLI names or the answer words.
 
     Returns:
-        {"accuracy", "acc_yes", "acc_maybe", "acc_no", "n"}; a per-class accuracy is NaN when that class has
-        no gold example.
+        {"accuracy", "acc_yes", "acc_maybe", "acc_no", "accuracy_image_dependent", "n"}: a per-class accuracy,
+        and `accuracy_image_dependent` (over the yes and no gold labels: on the built-in benchmark the hypotheses
+        only the image decides, "maybe" ones being told by their wording), is NaN when it has no gold example.
     """
     if not gold_labels:
         raise ValueError("entailment_metrics: no gold labels")
@@ -33,5 +34,7 @@ def entailment_metrics(
     result: dict[str, float] = {"accuracy": sum(correct.values()) / n}
     for label in LABELS:
         result[f"acc_{label}"] = correct[label] / total[label] if total[label] else float("nan")
+    decidable = total["yes"] + total["no"]
+    result["accuracy_image_dependent"] = (correct["yes"] + correct["no"]) / decidable if decidable else float("nan")
     result["n"] = n
     return result
