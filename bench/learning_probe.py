@@ -6,10 +6,10 @@ pipeline config: the measurement behind the default profile's model and recipe (
 
 Runs the stages in this process, one after another (no Ray, no MLflow), each output kept under --root by its cache
 key, so a second probe with other training overrides reuses the prepared data and the backbone pretraining. Prints
-per task and model: steps, training wall time and samples/s, the main metric, its image-blind baseline, and the
-image-reading measures: caption object-set exact match / F1 (the objects parsed from the caption against the
-scene's), entailment accuracy on the hypotheses that need the image (yes/no), VQA per question type, grounding
-Acc@0.5. The figures of one run are comparable with each other; absolute times depend on the machine's load.
+per task and model: steps, training wall time and samples/s, the main metric, and the evaluate stage's gap
+figures: the task's gap metric (caption: object-set exact match; VQA: accuracy; grounding: Acc@0.5; entailment:
+accuracy on the hypotheses that need the image), its image-blind baseline and the share of the gap closed.
+The figures of one run are comparable with each other; absolute times depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import load_config
@@ -55,33 +54,6 @@ class _Quiet(PrintLog):
             print(f"    {msg}", flush=True)
 
 
-def _objects(text: str) -> set:
-    from stages.data.shapes import parse_caption
-
-    try:
-        return parse_caption(text)
-    except Exception:  # an unparsable caption names no object
-        return set()
-
-
-def image_measures(task: str, eval_dir: Path) -> dict[str, float]:
-    """Measures of image reading from an evaluate stage's predictions.parquet."""
-    rows = pq.read_table(eval_dir / "predictions.parquet").to_pylist()
-    out: dict[str, float] = {}
-    if task == "caption":
-        exact, tp, fp, fn = 0, 0, 0, 0
-        for r in rows:
-            want, got = _objects(json.loads(r["references"])[0]), _objects(r["prediction"])
-            exact += want == got
-            tp, fp, fn = tp + len(want & got), fp + len(got - want), fn + len(want - got)
-        out["object_exact"] = 100 * exact / len(rows)
-        out["object_f1"] = 100 * 2 * tp / max(1, 2 * tp + fp + fn)
-    elif task == "entailment":
-        dep = [r for r in rows if json.loads(r["references"])[0] in ("yes", "no")]
-        out["image_dependent_acc"] = 100 * sum(r["score"] for r in dep) / max(1, len(dep))
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, required=True)
@@ -111,10 +83,13 @@ def main() -> None:
                                              "samples_per_s": m["samples_per_s"], "final_loss": m["final_loss"]}
         if node.stage == "evaluate":
             m = json.loads((folders[node_id] / "metrics.json").read_text())
-            blind = {k: v for k, v in m["metrics"].items() if k.startswith("blind_")}
-            results[node.task][node.name] = {"metric": m["metric"], "value": m["value"],
-                                             **{k: 100 * v for k, v in blind.items()},
-                                             **image_measures(node.task, folders[node_id])}
+            gap = m.get("gap") or {}
+            keep = ("semantic_set_acc", "semantic_object_f1", "accuracy_image_dependent", "accuracy_yes_no",
+                    "accuracy_number", "accuracy_other", "acc@0.5")
+            results[node.task][node.name] = {
+                "metric": m["metric"], "value": m["value"], "gap_metric": gap.get("metric"),
+                "score": gap.get("score"), "blind": gap.get("blind"), "gap_closed": gap.get("gap_closed"),
+                **{k: 100 * v for k, v in m["metrics"].items() if k in keep}}
     print(f"\nprobe: profile {args.profile}, overrides {args.overrides}")
     for task, r in results.items():
         print(f"  {task}: " + json.dumps(r, default=lambda x: round(x, 3) if isinstance(x, float) else x))
