@@ -15,6 +15,8 @@ from narvl_model.config import ModelConfig
 Task = Literal["caption", "vqa", "grounding", "entailment"]
 TASKS: tuple[Task, ...] = ("caption", "vqa", "grounding", "entailment")
 NoCache = {"cache": False}
+# numpy's generators refuse negative seeds and torch.manual_seed takes at most 64 bits: refuse both at load time
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed, a whole number >= 0")]
 
 
 class Strict(BaseModel):
@@ -32,7 +34,7 @@ class DataConfig(Strict):
     test_per_task: int = Field(200, gt=0)
     samples_per_shard: int = Field(512, gt=0)
     max_objects: int = Field(4, ge=1, le=4)
-    seed: int = 0
+    seed: Seed = 0
     bpe_vocab_size: int = Field(1000, ge=64, description="BPE merges target size (before bins and specials)")
     num_bins: int = Field(64, ge=2, description="location tokens <bin_0>..<bin_{B-1}> (OFA: 1000)")
     tokenizer: Literal["bpe", "ofa"] = "bpe"
@@ -225,7 +227,7 @@ class PretrainStage(Strict):
     """pretrain: the teachers' image backbone on dense object labels, once for all tasks (the data config fixes
     the images and objects, the same in every task's shards)."""
 
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig
     model: ModelConfig
     pretrain: PretrainConfig
@@ -235,7 +237,7 @@ class TrainStage(Strict):
     """train_teacher: the AR model."""
 
     task: Task
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig
     train: TrainConfig
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -247,7 +249,7 @@ class TrainNARStage(Strict):
     """train_nar: NARVL fine-tuned from the teacher (num_queries / loss / kd / decoder_input in `train`)."""
 
     task: Task
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig
     train: NARTrainConfig
     on_bad_sample: Literal["error", "skip"] = "error"

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 
 from stages.common import write_json_atomic
-from stages.data.schema import COMMON_KEYS, REQUIRED_KEYS
+from stages.data.schema import COMMON_KEYS, ENTAILMENT_LABELS, REQUIRED_KEYS
 from stages.data.tasks import eval_target, train_target
 
 _log = logging.getLogger(__name__)
@@ -272,7 +273,44 @@ def parse_sample_json(where: str, data: bytes, task: str) -> dict:
     missing = [k for k in need if k not in sample]
     if missing:
         raise DataError(f"{where}: JSON lacks {missing} (a {task} sample needs {list(need)})")
+    for key in need:
+        if not _VALUE_OK[key](sample[key]):
+            value = repr(sample[key])
+            value = value if len(value) <= 60 else value[:60] + "..."
+            raise DataError(f"{where}: {key!r} is {value}, expected {_VALUE_DOC[key]}")
     return sample
+
+
+def _is_text_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# what each schema key holds (stages/data/schema.py): a sample of another shape is a DataError, not a crash later
+_VALUE_OK: dict[str, Any] = {
+    "id": lambda v: isinstance(v, str) and v != "",
+    "task": lambda v: isinstance(v, str),
+    "image_size": lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+    "prompt": lambda v: isinstance(v, str),
+    "references": _is_text_list,
+    "question": lambda v: isinstance(v, str),
+    "answers": _is_text_list,
+    "expression": lambda v: isinstance(v, str),
+    "box": lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
+    "premise": lambda v: isinstance(v, str),
+    "hypothesis": lambda v: isinstance(v, str),
+    "label": lambda v: v in ENTAILMENT_LABELS,
+}
+_VALUE_DOC = {
+    "id": "a non-empty string", "task": "a string", "image_size": "[width, height]: two positive integers",
+    "prompt": "a string", "references": "a non-empty list of strings", "question": "a string",
+    "answers": "a non-empty list of strings", "expression": "a string", "box": "[x0, y0, x1, y1]: four finite numbers",
+    "premise": "a string", "hypothesis": "a string", "label": f"one of {list(ENTAILMENT_LABELS)}",
+}
 
 
 def iter_split_json(split_dir: str | Path, task: str) -> Iterator[dict]:
