@@ -20,7 +20,8 @@ Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed, a whole nu
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # unknown keys are errors; so are inf and nan, which pass range checks such as ge=0 and train nothing sensible
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):

@@ -210,6 +210,12 @@ def test_negative_seeds_fail_validation(override):
         load_config(profile="smoke", overrides=[override])
 
 
+@pytest.mark.parametrize("override", ["train_nar.weight_decay=.inf", "train_teacher.warmup_ratio=.nan"])
+def test_infinite_and_nan_numbers_fail_validation(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: Input should be a finite number"):
+        load_config(profile="smoke", overrides=[override])
+
+
 def test_output_and_root_paths(tmp_path):
     (tmp_path / "file").write_text("x")
     synth = ["data", "synth", "-p", "smoke", "--tasks", "caption", "data.train_per_task=2", "data.val_per_task=1",
@@ -316,3 +322,25 @@ def test_progress_and_errors_print_brackets_literally(tmp_path, capsys):
     # an error quoting a user's path that holds "[/"
     _user_error(["data", "convert", "snli-ve", "--out", str(tmp_path / "o"), "--images", str(tmp_path),
                  "--jsonl", f"test={tmp_path}/[/x]none.jsonl"], "[/x]none.jsonl: file not found")
+
+
+# ---- shards: a changed byte inside a member's data is seen by the streaming reader ----------------------------
+def test_loader_sees_a_changed_byte_that_the_tar_format_cannot(tmp_path):
+    from narvl_model.tokenizer import Tokenizer
+    from stages.data.shards import make_loader
+
+    writer = ShardWriter(tmp_path / "val", "val", 8)
+    for i in range(3):
+        writer.write({"id": f"s{i}", "task": "caption", "image_size": [32, 32], "prompt": " what does the image "
+                      "describe?", "references": [f"a red square number {i}"]}, _png(), "png")
+    manifest = writer.close({"name": "hand-made"})
+    shard = tmp_path / "val" / manifest["shards"][0]["name"]
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b"a red square number 1", b"a red square number 7"))  # valid JSON, wrong text
+    tok = Tokenizer.train(["a red square number 0 1 7", " what does the image describe?"], vocab_size=300,
+                          num_bins=16)
+    with pytest.raises(DataError, match=r"val-000000\.tar: sha256 differs from the manifest's"):
+        list(make_loader(tmp_path / "val", tok, "caption", 2))
+    loader = make_loader(tmp_path / "val", tok, "caption", 2, on_bad_sample="skip")
+    list(loader)
+    assert any("sha256 differs" in s for s in loader.skipped)

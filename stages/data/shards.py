@@ -16,10 +16,12 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,28 +224,51 @@ def member_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+class _HashingReader:
+    """A binary file whose bytes are hashed as they are read (tarfile's stream mode reads only through `read`)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha256.update(data)
+        return data
+
+
+def iter_tar(path: Path, sha256: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of a tar (any compression), grouped as WebDataset groups them: adjacent
-    members with the same `member_key`. DataError when the tar is unreadable or a sample repeats an extension."""
+    members with the same `member_key`. DataError when the tar is unreadable or a sample repeats an extension.
+
+    With `sha256` (the manifest's), the file is hashed while it is read and a DataError follows its last sample
+    when it differs: a byte changed inside a member's data is otherwise invisible (a tar checksums its headers
+    only). The samples yielded before that error come from the changed file."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                split = member_key(member.name) if member.isfile() else None
-                if split is None:
-                    continue
-                k, ext = split
-                data = _member_bytes(tar, member, path)
-                if k != key and key is not None:
-                    yield key, parts
-                    parts = {}
-                if ext in parts:
-                    raise DataError(f"{path}: sample {k!r} has two {ext!r} members (member {member.name})")
-                key = k
-                parts[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
+        with open(path, "rb") as f:
+            reader = _HashingReader(f)
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                for member in tar:
+                    split = member_key(member.name) if member.isfile() else None
+                    if split is None:
+                        continue
+                    k, ext = split
+                    data = _member_bytes(tar, member, path)
+                    if k != key and key is not None:
+                        yield key, parts
+                        parts = {}
+                    if ext in parts:
+                        raise DataError(f"{path}: sample {k!r} has two {ext!r} members (member {member.name})")
+                    key = k
+                    parts[ext] = data
+            while reader.read(1 << 20):  # the end-of-archive blocks tarfile leaves unread
+                pass
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
         raise DataError(f"{path}: unreadable tar after sample {key!r} ({type(e).__name__}: {e})") from e
+    if sha256 is not None and reader.sha256.hexdigest() != sha256:
+        raise DataError(f"{path}: sha256 differs from the manifest's (the shard changed or is corrupt; samples "
+                        f"already read from it are suspect)")
     if key is not None:
         yield key, parts
 
@@ -392,6 +417,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _raw(self, part: int, parts: int) -> Iterator[tuple[Path, str, dict[str, bytes]] | DataError]:
         """This reader's samples in order; an unreadable shard yields one DataError (the rest of it is lost)."""
         names = [s["name"] for s in self.manifest["shards"]]
+        sha256 = {s["name"]: s.get("sha256") for s in self.manifest["shards"]}
         if self.train:
             names = [names[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(names))]
         by_shard = len(names) >= parts
@@ -399,7 +425,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for name in names[part::parts] if by_shard else names:
             path = self.split_dir / name
             try:
-                for key, data in iter_tar(path):
+                for key, data in iter_tar(path, sha256[name]):
                     if by_shard or index % parts == part:
                         yield path, key, data
                     index += 1
