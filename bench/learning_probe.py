@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--nar", action="store_true", help="also distil, train and evaluate NARVL")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--data-only", action="store_true", help="only prepare the data (e.g. beside a running probe)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.threads:
@@ -71,6 +72,8 @@ def main() -> None:
     wanted = {"prepare_data", "pretrain", "train_teacher", "evaluate_ar"}
     if args.nar:
         wanted |= {"distill", "train_nar", "evaluate_narvl"}
+    if args.data_only:
+        wanted = {"prepare_data"}
     folders: dict[str, Path] = {}
     results: dict[str, dict] = defaultdict(dict)
     for node_id, node in graph.nodes.items():  # insertion order is a topological order

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from pipeline.config import ConfigError, PipelineConfig, config_to_yaml, load_config
 
@@ -41,7 +43,8 @@ DEFAULT_ROOT = "artifacts"
 
 
 def _err(msg: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
+    # the message is literal text (it quotes paths, node names like evaluate_narvl[ce], user values)
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False)
     return typer.Exit(code)
 
 
@@ -100,13 +103,13 @@ def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overrid
     if result.summary is not None:
         console.print(summary_table(result.summary))
         console.print(gap_table(result.summary))
-    console.print(f"report: {result.report_dir / 'report.md'}", soft_wrap=True, highlight=False)
-    console.print(f"MLflow parent run: {result.parent_run_id}", highlight=False)
+    console.print(f"report: {result.report_dir / 'report.md'}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"MLflow parent run: {result.parent_run_id}", highlight=False, markup=False)
     if not result.ok:
         for st in result.failures:
             last = (st.error or "").strip().splitlines()[-1:] if st.state == "failed" else []
             where = f" ({last[0]})" if last else ""
-            console.print(f"[red]{escape(st.id)}: {st.state}[/]{escape(where)}", soft_wrap=True, highlight=False)
+            console.print(Text.assemble((f"{st.id}: {st.state}", "red"), where), soft_wrap=True, highlight=False)
         raise typer.Exit(1)
 
 
@@ -122,36 +125,39 @@ def plan(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overri
     from pipeline.storage import Storage
 
     storage = _guard(lambda: Storage(root))
+    if not storage.remote and storage.path.exists() and not storage.path.is_dir():
+        raise _err(f"artifact root {storage.uri} is a file, not a folder")
     actions = _guard(lambda: make_plan(graph, storage, force or [], only))
     console = Console(soft_wrap=True)
     for task in dict.fromkeys(n.task for n in graph.nodes.values()):  # the tasks, and "shared" after the first
-        table = Table(title=f"{task}", title_justify="left")
+        table = Table(title=Text(task), title_justify="left")
         for col in ("node", "action", "key", "inputs"):
             table.add_column(col, no_wrap=col != "inputs")
         for node in graph.nodes.values():
             if node.task != task:
                 continue
-            action = {"hit": "[cyan]HIT[/]", "run": "[yellow]RUN[/]", "skip": "[dim]SKIP[/]"}[actions[node.id]]
-            table.add_row(escape(node.name), action, node.key[:12],
-                          escape(", ".join(f"{k}={v}" for k, v in node.inputs.items())) or "-")
+            action = {"hit": Text("HIT", "cyan"), "run": Text("RUN", "yellow"), "skip": Text("SKIP", "dim")}
+            table.add_row(Text(node.name), action[actions[node.id]], Text(node.key[:12]),
+                          Text(", ".join(f"{k}={v}" for k, v in node.inputs.items()) or "-"))
         console.print(table)
     n_run = sum(a == "run" for a in actions.values())
     console.print(f"{n_run} to run, {sum(a == 'hit' for a in actions.values())} cached, then the report"
-                  f" (root {escape(storage.uri)})", highlight=False)
+                  f" (root {storage.uri})", highlight=False, markup=False)
 
 
 def summary_table(summary: dict) -> Table:
-    table = Table(title=f"AR vs NARVL ({summary.get('profile')})")
+    """The AR vs NARVL table; every cell is literal text (ablation names such as `[ce]` are not rich markup)."""
+    table = Table(title=Text(f"AR vs NARVL ({summary.get('profile')})"))
     for col in ("task", "metric", "AR", "NARVL", "AR ms", "NARVL ms", "speedup"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for task, row in summary.get("tasks", {}).items():
         ar, nar = row.get("ar") or {}, row.get("narvl") or {}
-        table.add_row(task, str(ar.get("metric") or nar.get("metric") or "-"), _f(ar.get("value")),
-                      _f(nar.get("value")), _f(ar.get("latency_ms")), _f(nar.get("latency_ms")),
-                      _f(row.get("speedup"), suffix="x"))
+        _literal_row(table, task, str(ar.get("metric") or nar.get("metric") or "-"), _f(ar.get("value")),
+                     _f(nar.get("value")), _f(ar.get("latency_ms")), _f(nar.get("latency_ms")),
+                     _f(row.get("speedup"), suffix="x"))
     for task, rows in summary.get("ablations", {}).items():
         for name, r in rows.items():
-            table.add_row(task, f"{r.get('metric') or '-'} [{name}]", "", _f(r.get("value")), "", "", "")
+            _literal_row(table, task, f"{r.get('metric') or '-'} [{name}]", "", _f(r.get("value")), "", "", "")
     return table
 
 
@@ -164,9 +170,14 @@ def gap_table(summary: dict) -> Table:
     for task, row in summary.get("tasks", {}).items():
         ar, nar = (row.get("ar") or {}).get("gap") or {}, (row.get("narvl") or {}).get("gap") or {}
         blind = row.get("blind") or {}
-        table.add_row(task, str(blind.get("metric") or "-"), _f(blind.get("value")), _f(ar.get("score")),
-                      _f(nar.get("score")), _f(ar.get("gap_closed")), _f(nar.get("gap_closed")))
+        _literal_row(table, task, str(blind.get("metric") or "-"), _f(blind.get("value")), _f(ar.get("score")),
+                     _f(nar.get("score")), _f(ar.get("gap_closed")), _f(nar.get("gap_closed")))
     return table
+
+
+def _literal_row(table: Table, *cells: Any) -> None:
+    """Add a row of plain text: names from configs, MLflow or files are printed as they are, never as markup."""
+    table.add_row(*(Text(str(c)) for c in cells))
 
 
 def _f(v: Any, suffix: str = "") -> str:
@@ -229,6 +240,7 @@ def data_synth(out: Annotated[Path, typer.Option("--out", help="output folder")]
     cfg = _guard(lambda: _load(profile, config, overrides, tasks))
     from stages.prepare_data import synth_all
 
+    _guard(lambda: _output_folder(out))
     report = _guard(lambda: synth_all(cfg.data, cfg.tasks, out, _ConsoleLog()))
     typer.echo(json.dumps(report, indent=2))
 
@@ -246,48 +258,158 @@ def _pairs(items: list[str] | None, option: str) -> dict[str, Path] | None:
     return out
 
 
-SplitFiles = Annotated[list[str] | None, typer.Option(help="SPLIT=FILE, repeatable")]
+class _FormatGroup(TyperGroup):
+    """`narvl data convert FORMAT`: an unknown FORMAT names the formats (click would say "No such command")."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            raise typer.BadParameter(f"unknown format {args[0]!r}; one of {', '.join(self.commands)}", ctx=ctx,
+                                     param_hint="FORMAT")
+        return super().resolve_command(ctx, args)
 
 
-@data_app.command("convert")
-def data_convert(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="coco-caption | vqa | refcoco | snli-ve | ofa-tsv")],
-    out: Annotated[Path, typer.Option("--out", help="output folder (<out>/<task>/<split>/ shards)")],
-    images: Annotated[Path | None, typer.Option(help="image folder")] = None,
-    captions: SplitFiles = None, karpathy: Annotated[Path | None, typer.Option(help="dataset_coco.json")] = None,
-    questions: SplitFiles = None, annotations: SplitFiles = None, jsonl: SplitFiles = None,
-    refs: Annotated[Path | None, typer.Option(help="refs(unc).p")] = None,
-    instances: Annotated[Path | None, typer.Option(help="instances.json")] = None,
-    task: Annotated[str | None, typer.Option(help="ofa-tsv: caption | vqa | grounding | entailment")] = None,
-    tsv: SplitFiles = None,
-    split_map: Annotated[list[str] | None, typer.Option(help="SOURCE=SPLIT, repeatable")] = None,
-    samples_per_shard: Annotated[int | None, typer.Option()] = None,
-    on_bad: Annotated[str | None, typer.Option(help="error | skip")] = None,
-    workers: Annotated[int | None, typer.Option()] = None,
-    resume: Annotated[bool, typer.Option(help="skip splits that already have a manifest")] = True,
-) -> None:
-    """Convert a real dataset into shards (see stages/data/converters/ for each format's inputs)."""
+convert_app = typer.Typer(cls=_FormatGroup, no_args_is_help=True, rich_markup_mode=None,
+                          help="Convert a real dataset into shards (<out>/<task>/<split>/). "
+                               "`narvl data convert FORMAT --help` lists that format's inputs.")
+data_app.add_typer(convert_app, name="convert")
 
+OutOpt = Annotated[Path, typer.Option("--out", help="output folder (<out>/<task>/<split>/ shards)")]
+ImagesOpt = Annotated[Path, typer.Option("--images", help="image folder, searched recursively")]
+SplitMapOpt = Annotated[list[str] | None, typer.Option(
+    "--split-map", help="SOURCE=SPLIT, repeatable: the output split of a source split (default: the same name; "
+                        "train2014/train2017/restval -> train, val2014/val2017/minival/dev -> val, ...)")]
+PerShardOpt = Annotated[int, typer.Option("--samples-per-shard", min=1, help="samples per tar shard")]
+OnBadOpt = Annotated[Literal["error", "skip"], typer.Option(
+    "--on-bad", help="a bad record: error (stop, naming it) or skip (count it by reason)")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="processes validating records")]
+ResumeOpt = Annotated[bool, typer.Option(help="keep splits that already have a manifest")]
+
+
+def _convert(fmt: str, out: Path, inputs: dict[str, Any], split_map: list[str] | None, samples_per_shard: int,
+             on_bad: str, workers: int, resume: bool) -> None:
     def go() -> dict:
         from stages.data.converters import convert
 
-        args: dict[str, Any] = {
-            "images": images, "karpathy": karpathy, "refs": refs, "instances": instances, "task": task,
-            "captions": _pairs(captions, "--captions"), "questions": _pairs(questions, "--questions"),
-            "annotations": _pairs(annotations, "--annotations"), "jsonl": _pairs(jsonl, "--jsonl"),
-            "tsv": _pairs(tsv, "--tsv"),
-            "split_map": {k: str(v) for k, v in (_pairs(split_map, "--split-map") or {}).items()} or None,
-            "samples_per_shard": samples_per_shard, "on_bad": on_bad, "workers": workers,
-        }
-        args = {k: v for k, v in args.items() if v is not None}
-        args["resume"] = resume
-        try:
-            return convert(fmt, args, out)
-        except TypeError as e:  # an option this format does not take
-            raise ConfigError(f"data convert {fmt}: {e}") from e
+        # SPLIT=FILE lists (option --<name>) become {split: path}
+        args = {k: _pairs(v, f"--{k}") if isinstance(v, list) else v for k, v in inputs.items() if v is not None}
+        split_pairs = _pairs(split_map, "--split-map") or {}
+        args.update(split_map={k: str(v) for k, v in split_pairs.items()} or None,
+                    samples_per_shard=samples_per_shard, on_bad=on_bad, workers=workers, resume=resume)
+        _output_folder(out)
+        return convert(fmt, args, out)
 
-    report = _guard(go)
-    typer.echo(json.dumps(report, indent=2, default=str))
+    typer.echo(json.dumps(_guard(go), indent=2, default=str))
+
+
+def _output_folder(out: Path) -> None:
+    """Create `out` if needed and check that files can be written there; ConfigError naming it otherwise."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".narvl-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
+
+
+@convert_app.command("coco-caption")
+def _convert_coco_caption(
+    out: OutOpt, images: ImagesOpt,
+    captions: Annotated[list[str] | None, typer.Option(
+        "--captions", help="SPLIT=captions_*.json (official COCO captions file), repeatable")] = None,
+    karpathy: Annotated[Path | None, typer.Option(
+        "--karpathy", help="Karpathy's dataset_coco.json instead of --captions (its splits: train, restval, val, "
+                           "test)")] = None,
+    split_map: SplitMapOpt = None, samples_per_shard: PerShardOpt = 1000, on_bad: OnBadOpt = "error",
+    workers: WorkersOpt = 2, resume: ResumeOpt = True,
+) -> None:
+    """COCO captions -> caption shards, one sample per image with all its references.
+
+    Give either --captions (the official files, one per split) or --karpathy. Images are found under --images by
+    file name, else by the image id in the name.
+    """
+    _convert("coco-caption", out, {"images": images, "captions": captions,
+                                   "karpathy": karpathy}, split_map, samples_per_shard, on_bad, workers, resume)
+
+
+@convert_app.command("vqa")
+def _convert_vqa(
+    out: OutOpt, images: ImagesOpt,
+    questions: Annotated[list[str], typer.Option(
+        "--questions", help="SPLIT=v2_OpenEnded_mscoco_*_questions.json, repeatable")],
+    annotations: Annotated[list[str], typer.Option(
+        "--annotations", help="SPLIT=v2_mscoco_*_annotations.json, repeatable (the same splits as --questions)")],
+    split_map: SplitMapOpt = None, samples_per_shard: PerShardOpt = 1000, on_bad: OnBadOpt = "error",
+    workers: WorkersOpt = 2, resume: ResumeOpt = True,
+) -> None:
+    """VQA v2 (official questions + annotations) -> vqa shards, one sample per question with its 10 answers.
+
+    Images under --images are named COCO_<subtype>_<id:012d>.jpg (2014) or <id:012d>.jpg (2017).
+    """
+    _convert("vqa", out, {"images": images, "questions": questions,
+                          "annotations": annotations},
+             split_map, samples_per_shard, on_bad, workers, resume)
+
+
+@convert_app.command("refcoco")
+def _convert_refcoco(
+    out: OutOpt, images: ImagesOpt,
+    jsonl: Annotated[list[str] | None, typer.Option(
+        "--jsonl", help="SPLIT=FILE.jsonl, repeatable: one expression per line with file_name, bbox_xywh, "
+                        "sentence, image_id, ann_id")] = None,
+    refs: Annotated[Path | None, typer.Option(
+        "--refs", help="the official refs(unc).p / refs(umd).p instead of --jsonl (needs --instances)")] = None,
+    instances: Annotated[Path | None, typer.Option(
+        "--instances", help="COCO instances.json: boxes by ann_id and image sizes (needed with --refs; with "
+                            "--jsonl, image sizes are checked against it)")] = None,
+    split_map: SplitMapOpt = None, samples_per_shard: PerShardOpt = 1000, on_bad: OnBadOpt = "error",
+    workers: WorkersOpt = 2, resume: ResumeOpt = True,
+) -> None:
+    """RefCOCO / RefCOCO+ / RefCOCOg -> grounding shards, one sample per referring expression.
+
+    COCO boxes (x, y, width, height) become x0, y0, x1, y1 pixels. The refs pickle is read without running code.
+    """
+    _convert("refcoco", out, {"images": images, "jsonl": jsonl, "refs": refs,
+                              "instances": instances}, split_map, samples_per_shard, on_bad, workers, resume)
+
+
+@convert_app.command("snli-ve")
+def _convert_snli_ve(
+    out: OutOpt, images: ImagesOpt,
+    jsonl: Annotated[list[str], typer.Option(
+        "--jsonl", help="SPLIT=snli_ve_*.jsonl, repeatable (Flickr30k_ID, sentence1, sentence2, gold_label)")],
+    split_map: SplitMapOpt = None, samples_per_shard: PerShardOpt = 1000, on_bad: OnBadOpt = "error",
+    workers: WorkersOpt = 2, resume: ResumeOpt = True,
+) -> None:
+    """SNLI-VE -> entailment shards, one sample per hypothesis.
+
+    The premise is sentence1 (the caption); gold labels entailment / neutral / contradiction become yes / maybe /
+    no. Flickr30k images under --images are named <flickr id>.jpg.
+    """
+    _convert("snli-ve", out, {"images": images, "jsonl": jsonl},
+             split_map, samples_per_shard, on_bad, workers, resume)
+
+
+@convert_app.command("ofa-tsv")
+def _convert_ofa_tsv(
+    out: OutOpt,
+    task: Annotated[Literal["caption", "vqa", "grounding", "entailment"], typer.Option(
+        "--task", help="the TSV layout (OFA's columns for that task)")],
+    tsv: Annotated[list[str], typer.Option("--tsv", help="SPLIT=FILE.tsv, repeatable")],
+    split_map: SplitMapOpt = None, samples_per_shard: PerShardOpt = 1000, on_bad: OnBadOpt = "error",
+    workers: WorkersOpt = 2, resume: ResumeOpt = True,
+) -> None:
+    """OFA's TSV files (images inline as base64) -> <task> shards.
+
+    The columns of a line (tab-separated, no header) per --task:
+      caption:    uniq-id, image-id, references joined by &&, object labels, image
+      vqa:        uniq-id, image-id, question, answers (confidence|!+answer joined by &&), object labels, image
+      grounding:  uniq-id, image-id, text, box x0,y0,x1,y1 (pixels), image
+      entailment: uniq-id, image-id, image, hypothesis, premise caption, label
+    """
+    _convert("ofa-tsv", out, {"task": task, "tsv": tsv},
+             split_map, samples_per_shard, on_bad, workers, resume)
 
 
 # ---- compare / sweep -------------------------------------------------------------------------------------
@@ -328,7 +450,7 @@ def compare_table(run_ids: list[str], root: str, tracking_uri: str | None, last:
     table.add_column("")
     for r in runs:
         head = f"{r.info.run_id[:8]}\n{r.data.tags.get('profile', '?')} {r.info.status}"
-        table.add_column(head, justify="right")
+        table.add_column(Text(head), justify="right")
     tasks = sorted({k.split(".")[0] for r in runs for k in r.data.metrics if k.endswith(".speedup")
                     or k.endswith(".value")})
     for task in tasks:
@@ -339,7 +461,7 @@ def compare_table(run_ids: list[str], root: str, tracking_uri: str | None, last:
                                    (f"{task} AR ms", f"{task}.ar.latency_ms", ""),
                                    (f"{task} NARVL ms", f"{task}.narvl.latency_ms", ""),
                                    (f"{task} speedup", f"{task}.speedup", "x")):
-            table.add_row(label, *(_f(r.data.metrics.get(key), suffix) for r in runs))
+            _literal_row(table, label, *(_f(r.data.metrics.get(key), suffix) for r in runs))
     return table
 
 
@@ -379,12 +501,12 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="a sweep Y
         raise
     except RuntimeError as e:  # failed trials: the message lists them
         raise _err(str(e), code=1) from None
-    table = Table(title=f"query-length sweep ({result['dir']})")
+    table = Table(title=Text(f"query-length sweep ({result['dir']})"))
     cols = ["task", "num_queries", "metric", "value", "latency_ms", "ar_latency_ms", "speedup", "wall_s"]
     for c in cols:
         table.add_column(c)
     for row in result["rows"]:
-        table.add_row(*[f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols])
+        _literal_row(table, *[f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols])
     Console(soft_wrap=True).print(table)
     print(f"sweep results: {result['dir']}")
 

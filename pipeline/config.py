@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from stages.config import (
     OFAInit,
     PretrainConfig,
     ResourcesConfig,
+    Seed,
     Strict,
     Task,
     TrainConfig,
@@ -63,7 +64,7 @@ class ModelSection(Strict):
 class PipelineConfig(Strict):
     name: str = "narvl"
     profile: str = "custom"
-    seed: int = 0
+    seed: Seed = 0
     tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
@@ -153,26 +154,84 @@ class ConfigError(ValueError):
     """A config file or override that does not validate; the message names the field and the fix."""
 
 
-def _parse_value(raw: str) -> Any:
+def _parse_value(item: str, raw: str) -> Any:
     # YAML scalars/lists/dicts; nothing is evaluated as code.
-    return yaml.safe_load(raw) if raw != "" else ""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"override {item!r}: the value is nested too deeply") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides to a nested dict (values parsed as YAML)."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train_nar.lr=1e-4")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a dotted field name, e.g. train_nar.lr")
         node = data
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section (`data:` with nothing under it)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(item, raw)
     return data
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; give a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping (key: value lines) at the top level, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def validation_message(e: ValidationError) -> str:
+    """One line per error of a pydantic ValidationError: the dotted field, the problem, the value given."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {_short(got)})"
+        lines.append(f"  {loc}: {err['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def profile_path(profile: str) -> Path:
@@ -189,25 +248,11 @@ def load_config(path: str | Path | None = None, profile: str | None = None,
     if path is None:
         path = profile_path(profile or "default")
     path = Path(path)
+    data = apply_overrides(read_yaml_mapping(path), overrides or [])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} not found") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
-    try:
-        return PipelineConfig(**data)
+        return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {loc}: {err['msg']}{got_s}")
-        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{path}: invalid config\n{validation_message(e)}") from None
 
 
 def config_to_yaml(cfg: PipelineConfig | Strict) -> str:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from pipeline.dag import NodeStatus
@@ -27,7 +27,7 @@ def status_table(statuses: list[NodeStatus]) -> Table:
     for st in statuses:
         step = f"{st.step}/{st.total or '?'}" if st.step is not None else ""
         elapsed = f"{st.elapsed:.0f}s" if st.elapsed is not None else ""
-        table.add_row(escape(st.id), f"[{STYLE.get(st.state, 'white')}]{st.state}[/]", st.key[:12], elapsed, step)
+        table.add_row(Text(st.id), Text(st.state, STYLE.get(st.state, "white")), Text(st.key[:12]), elapsed, step)
     return table
 
 
@@ -57,4 +57,5 @@ class ProgressView:
             if self._seen.get(st.id) != st.state:
                 self._seen[st.id] = st.state
                 extra = f" ({st.elapsed:.1f}s)" if st.state in ("succeeded", "failed") and st.elapsed else ""
-                self.console.print(f"{escape(st.id)}: [{STYLE.get(st.state, 'white')}]{st.state}[/]{escape(extra)}")
+                # node ids hold ablation names in brackets (evaluate_narvl[ce]): literal text, not markup
+                self.console.print(Text.assemble(f"{st.id}: ", (st.state, STYLE.get(st.state, "white")), extra))

@@ -17,10 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config import CONFIG_DIR, ConfigError, PipelineConfig, apply_overrides, load_config
+from pipeline.config import (
+    CONFIG_DIR,
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    load_config,
+    read_yaml_mapping,
+    validation_message,
+)
 from stages.config import Strict, Task
 
 PREFIX = ("prepare_data", "pretrain", "train_teacher", "distill")  # pretrain only where enabled
@@ -46,16 +53,11 @@ class SweepConfig(Strict):
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     path = Path(path)
+    data = apply_overrides(read_yaml_mapping(path, "sweep config"), overrides or [])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"sweep config {path} not found") from e
-    data = apply_overrides(data, overrides or [])
-    try:
-        return SweepConfig(**data)
+        return SweepConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid sweep config\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{path}: invalid sweep config\n{validation_message(e)}") from None
 
 
 def pipeline_for(scfg: SweepConfig, task: str | None = None, n: int | None = None) -> PipelineConfig:

@@ -18,10 +18,13 @@ NoCache = {"cache": False}
 # a path outside the artifact root: the key covers what the stage reads there by content, not the path
 # (pipeline/content.py), so the same files at another path are a hit and files replaced in place a miss
 ByContent = {"cache": "content"}
+# numpy's generators refuse negative seeds and torch.manual_seed takes at most 64 bits: refuse both at load time
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed, a whole number >= 0")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # unknown keys are errors; so are inf and nan, which pass range checks such as ge=0 and train nothing sensible
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -36,7 +39,7 @@ class DataConfig(Strict):
     test_per_task: int = Field(200, gt=0)
     samples_per_shard: int = Field(512, gt=0)
     max_objects: int = Field(4, ge=1, le=4)
-    seed: int = 0
+    seed: Seed = 0
     bpe_vocab_size: int = Field(1000, ge=64, description="BPE merges target size (before bins and specials)")
     num_bins: int = Field(64, ge=2, description="location tokens <bin_0>..<bin_{B-1}> (OFA: 1000)")
     tokenizer: Literal["bpe", "ofa"] = "bpe"
@@ -240,7 +243,7 @@ class PretrainStage(Strict):
     """pretrain: the teachers' image backbone on dense object labels, once for all tasks (the data config fixes
     the images and objects, the same in every task's shards)."""
 
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig
     model: ModelConfig
     pretrain: PretrainConfig
@@ -250,7 +253,7 @@ class TrainStage(Strict):
     """train_teacher: the AR model."""
 
     task: Task
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig
     train: TrainConfig
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -262,7 +265,7 @@ class TrainNARStage(Strict):
     """train_nar: NARVL fine-tuned from the teacher (num_queries / loss / kd / decoder_input in `train`)."""
 
     task: Task
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig
     train: NARTrainConfig
     on_bad_sample: Literal["error", "skip"] = "error"

@@ -16,9 +16,12 @@ import hashlib
 import io
 import json
 import logging
+import lzma
+import math
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch
 from PIL import Image
 
 from stages.common import write_json_atomic
-from stages.data.schema import COMMON_KEYS, REQUIRED_KEYS
+from stages.data.schema import COMMON_KEYS, ENTAILMENT_LABELS, REQUIRED_KEYS
 from stages.data.tasks import eval_target, train_target
 
 _log = logging.getLogger(__name__)
@@ -221,28 +224,51 @@ def member_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+class _HashingReader:
+    """A binary file whose bytes are hashed as they are read (tarfile's stream mode reads only through `read`)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha256.update(data)
+        return data
+
+
+def iter_tar(path: Path, sha256: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of a tar (any compression), grouped as WebDataset groups them: adjacent
-    members with the same `member_key`. DataError when the tar is unreadable or a sample repeats an extension."""
+    members with the same `member_key`. DataError when the tar is unreadable or a sample repeats an extension.
+
+    With `sha256` (the manifest's), the file is hashed while it is read and a DataError follows its last sample
+    when it differs: a byte changed inside a member's data is otherwise invisible (a tar checksums its headers
+    only). The samples yielded before that error come from the changed file."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                split = member_key(member.name) if member.isfile() else None
-                if split is None:
-                    continue
-                k, ext = split
-                data = _member_bytes(tar, member, path)
-                if k != key and key is not None:
-                    yield key, parts
-                    parts = {}
-                if ext in parts:
-                    raise DataError(f"{path}: sample {k!r} has two {ext!r} members (member {member.name})")
-                key = k
-                parts[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
+        with open(path, "rb") as f:
+            reader = _HashingReader(f)
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                for member in tar:
+                    split = member_key(member.name) if member.isfile() else None
+                    if split is None:
+                        continue
+                    k, ext = split
+                    data = _member_bytes(tar, member, path)
+                    if k != key and key is not None:
+                        yield key, parts
+                        parts = {}
+                    if ext in parts:
+                        raise DataError(f"{path}: sample {k!r} has two {ext!r} members (member {member.name})")
+                    key = k
+                    parts[ext] = data
+            while reader.read(1 << 20):  # the end-of-archive blocks tarfile leaves unread
+                pass
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
         raise DataError(f"{path}: unreadable tar after sample {key!r} ({type(e).__name__}: {e})") from e
+    if sha256 is not None and reader.sha256.hexdigest() != sha256:
+        raise DataError(f"{path}: sha256 differs from the manifest's (the shard changed or is corrupt; samples "
+                        f"already read from it are suspect)")
     if key is not None:
         yield key, parts
 
@@ -272,7 +298,44 @@ def parse_sample_json(where: str, data: bytes, task: str) -> dict:
     missing = [k for k in need if k not in sample]
     if missing:
         raise DataError(f"{where}: JSON lacks {missing} (a {task} sample needs {list(need)})")
+    for key in need:
+        if not _VALUE_OK[key](sample[key]):
+            value = repr(sample[key])
+            value = value if len(value) <= 60 else value[:60] + "..."
+            raise DataError(f"{where}: {key!r} is {value}, expected {_VALUE_DOC[key]}")
     return sample
+
+
+def _is_text_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# what each schema key holds (stages/data/schema.py): a sample of another shape is a DataError, not a crash later
+_VALUE_OK: dict[str, Any] = {
+    "id": lambda v: isinstance(v, str) and v != "",
+    "task": lambda v: isinstance(v, str),
+    "image_size": lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+    "prompt": lambda v: isinstance(v, str),
+    "references": _is_text_list,
+    "question": lambda v: isinstance(v, str),
+    "answers": _is_text_list,
+    "expression": lambda v: isinstance(v, str),
+    "box": lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
+    "premise": lambda v: isinstance(v, str),
+    "hypothesis": lambda v: isinstance(v, str),
+    "label": lambda v: v in ENTAILMENT_LABELS,
+}
+_VALUE_DOC = {
+    "id": "a non-empty string", "task": "a string", "image_size": "[width, height]: two positive integers",
+    "prompt": "a string", "references": "a non-empty list of strings", "question": "a string",
+    "answers": "a non-empty list of strings", "expression": "a string", "box": "[x0, y0, x1, y1]: four finite numbers",
+    "premise": "a string", "hypothesis": "a string", "label": f"one of {list(ENTAILMENT_LABELS)}",
+}
 
 
 def iter_split_json(split_dir: str | Path, task: str) -> Iterator[dict]:
@@ -371,6 +434,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _raw(self, part: int, parts: int) -> Iterator[tuple[Path, str, dict[str, bytes]] | DataError]:
         """This reader's samples in order; an unreadable shard yields one DataError (the rest of it is lost)."""
         names = [s["name"] for s in self.manifest["shards"]]
+        sha256 = {s["name"]: s.get("sha256") for s in self.manifest["shards"]}
         if self.train:
             names = [names[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(names))]
         by_shard = len(names) >= parts
@@ -378,7 +442,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for name in names[part::parts] if by_shard else names:
             path = self.split_dir / name
             try:
-                for key, data in iter_tar(path):
+                for key, data in iter_tar(path, sha256[name]):
                     if by_shard or index % parts == part:
                         yield path, key, data
                     index += 1

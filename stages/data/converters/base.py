@@ -3,8 +3,11 @@ the driver that writes a task's splits through `stages.data.shards.ShardWriter`.
 
 Validation (every record): missing image file, undecodable image (a full PIL decode), box outside the image by
 more than `BOX_TOLERANCE` px (smaller overhangs are clipped and counted) or degenerate (x1 <= x0 or y1 <= y0),
-empty text, unknown label, duplicate id. `on_bad="error"` raises `ConversionError` naming the source file, the
-record index and id, and the problem; `on_bad="skip"` counts by reason (report["skipped"], and the summary line).
+empty text, unknown label, duplicate id, and (found by the parsers, reason `malformed`) a record without a field
+its format needs or with a value of the wrong type, a JSONL line that is not JSON, an annotation that names no
+image. `on_bad="error"` raises `ConversionError` naming the source file, the record index and id, the field and
+what was expected; `on_bad="skip"` counts by reason (report["skipped"], and the summary line). A source file
+that is unreadable or not the expected JSON document is a `ConversionError` either way.
 
 Resume: a split whose manifest.json exists is skipped when `resume=True`. A split without a manifest (interrupted)
 is removed and converted again from scratch (a manifest is only written by `ShardWriter.close`, after all
@@ -18,6 +21,7 @@ import binascii
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -53,6 +57,12 @@ class ConversionError(ValueError):
     """A bad record (or input) in a source dataset; the message names the file, the record and the problem."""
 
 
+class Malformed(ValueError):
+    """A record without a field its format needs, or with a value of the wrong type (raised by `get` in the
+    parsers, which turn it into a bad record of reason `malformed`); the message names the field and what was
+    expected."""
+
+
 def entailment_word(raw: Any) -> Any:
     """A source's entailment label as the answer word; an unknown label stays as it is, so that validation
     reports it (reason `unknown_label`) with the record it came from."""
@@ -78,6 +88,58 @@ class Record:
     missing: str | None = None  # why the image could not be located, when the parser already knows
     bad: tuple[str, str] | None = None  # (reason, message) when the parser already found the record broken
     expect_size: tuple[int, int] | None = None  # (w, h) from an annotation file; must match the image
+    where: str | None = None  # how a message names it when not "record <index>" (e.g. "annotations[3]")
+
+
+_MISSING = object()
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "id": ("an integer or a string", lambda v: isinstance(v, int | str) and not isinstance(v, bool)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "box": ("[x, y, width, height]: four finite numbers",
+            lambda v: isinstance(v, list) and len(v) == 4 and all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)),
+}
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, cut to `limit` characters, and its type."""
+    r = repr(value)
+    return f"{r[:limit]}{'...' if len(r) > limit else ''} ({type(value).__name__})"
+
+
+def get(obj: Any, key: str, kind: str, default: Any = _MISSING) -> Any:
+    """`obj[key]`, checked to be of `kind` (int, str, id, list, box); Malformed naming the field otherwise.
+    With `default`, a missing key (or a null value) gives the default instead."""
+    if not isinstance(obj, dict):
+        raise Malformed(f"expected a JSON object with {key!r}, got {shown(obj)}")
+    what, ok = _KINDS[kind]
+    if obj.get(key) is None and default is not _MISSING:
+        return default
+    if key not in obj:
+        raise Malformed(f"no {key!r} field (expected {what})")
+    if not ok(obj[key]):
+        raise Malformed(f"{key!r} is {shown(obj[key])}, expected {what}")
+    return obj[key]
+
+
+def get_list(obj: Any, key: str, source: Path | str) -> list:
+    """A document's top-level list (`images`, `annotations`, `questions`); ConversionError when the file is not
+    such a document (a file-level problem: no record of it can be read)."""
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{source}: expected a JSON object holding the {key!r} list, got {type(obj).__name__}")
+    value = obj.get(key)
+    if not isinstance(value, list):
+        got = "nothing" if key not in obj else shown(value)
+        raise ConversionError(f"{source}: {key!r} must be a list, got {got}")
+    return value
+
+
+def malformed(source: Path | str, index: int, split: str, task: str, error: Exception, id: str = "",
+              where: str | None = None) -> Record:
+    """A bad record (reason `malformed`) for a source record the parser could not read."""
+    return Record(str(source), index, id, split, task, {}, bad=("malformed", str(error)), where=where)
 
 
 # ---- images -------------------------------------------------------------------------------------------------
@@ -91,7 +153,8 @@ class ImageIndex:
         if self.root is None:
             return
         if not self.root.is_dir():
-            raise ConversionError(f"image folder {self.root} does not exist")
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise ConversionError(f"image folder {self.root} {what}")
         for dirpath, _, files in sorted(os.walk(self.root)):
             for f in sorted(files):
                 if not f.lower().endswith((".jpg", ".jpeg", ".png")):
@@ -248,7 +311,13 @@ def write_task(fmt: str, task: str, splits: dict[str, Callable[[], Iterable[Reco
                totals: dict[str, int | None] | None = None, sources: list[str] | None = None) -> dict:
     """Write each output split of one task; `splits` maps an output split to a thunk yielding its records."""
     if on_bad not in ("error", "skip"):
-        raise ValueError(f"on_bad={on_bad!r}: use 'error' or 'skip'")
+        raise ConversionError(f"on_bad={on_bad!r}: use 'error' (stop at the first bad record) or 'skip' (count it)")
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ConversionError(f"samples_per_shard={samples_per_shard!r}: expected a whole number >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConversionError(f"workers={workers!r}: expected a whole number >= 1")
+    if not splits:
+        raise ConversionError(f"{fmt}: no records in {', '.join(sources or []) or 'the sources'} (no split found)")
     task_dir = Path(out_dir) / task
     report: dict[str, Any] = {"format": fmt, "task": task, "version": VERSION, "out_dir": str(task_dir),
                               "splits": {}, "skipped": {}, "clipped_boxes": 0, "reencoded_images": 0}
@@ -275,7 +344,8 @@ def write_task(fmt: str, task: str, splits: dict[str, Callable[[], Iterable[Reco
                 if status == "ok" and rec.id in seen:
                     status, a, b = "bad", "duplicate_id", f"id {rec.id!r} appears twice"
                 if status == "bad":
-                    msg = f"{rec.source}: record {rec.index} (id {rec.id!r}): {a}: {b}"
+                    named = f"{rec.where or f'record {rec.index}'}" + (f" (id {rec.id!r})" if rec.id else "")
+                    msg = f"{rec.source}: {named}: {a}: {b}"
                     if on_bad == "error":
                         raise ConversionError(msg)
                     split_skips[a] += 1
@@ -321,35 +391,65 @@ def write_task(fmt: str, task: str, splits: dict[str, Callable[[], Iterable[Reco
 def _progress(enabled: bool):
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # markup off: split names come from the user (`--captions "a[/b]=file"` must not be read as a style)
+    # on stderr: stdout carries the report (`narvl data convert ... > report.json`)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=Console(stderr=True))
     bar.start()
     return bar
 
 
 def read_json(path: Path | str) -> Any:
+    """A JSON source file; ConversionError naming it when it is missing, unreadable or not JSON."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except FileNotFoundError as e:
         raise ConversionError(f"{path}: file not found") from e
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ConversionError(f"{path}: JSON nested too deeply to read") from e
 
 
-def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
+def read_lines(path: Path | str) -> Iterator[tuple[int, str | Malformed]]:
+    """(line index, text without the line break) per non-empty line of a UTF-8 text file; a line that is not
+    UTF-8 gives a `Malformed` in place of the text. ConversionError when the file is missing or unreadable."""
     path = Path(path)
-    if not path.exists():
-        raise ConversionError(f"{path}: file not found")
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConversionError(f"{path}: line {i + 1} is not valid JSON: {e}") from e
+    try:
+        with path.open("rb") as f:
+            for i, raw in enumerate(f):
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    continue
+                try:
+                    yield i, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield i, Malformed(f"line {i + 1} is not UTF-8 text: {e}")
+    except FileNotFoundError as e:
+        raise ConversionError(f"{path}: file not found") from e
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+
+
+def read_jsonl(path: Path | str) -> Iterator[tuple[int, Any]]:
+    """(line index, object) per non-empty line; a line that is not JSON gives a `Malformed` in place of the
+    object (the parser makes it a bad record). ConversionError when the file is missing or unreadable."""
+    for i, line in read_lines(path):
+        if isinstance(line, Malformed):
+            yield i, line
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, Malformed(f"line {i + 1} is not valid JSON: {e}")
+        except RecursionError:
+            yield i, Malformed(f"line {i + 1}: JSON nested too deeply to read")
 
 
 def group_splits(per_source: dict[str, Any], split_map: dict[str, str] | None

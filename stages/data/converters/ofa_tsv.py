@@ -23,11 +23,13 @@ from typing import Any
 
 from stages.data.converters.base import (
     ConversionError,
+    Malformed,
     OnBad,
     Record,
     clean_id,
     entailment_word,
     group_splits,
+    read_lines,
     write_task,
 )
 
@@ -43,8 +45,11 @@ def _parse_ofa_answers(raw: str) -> tuple[list[str], dict[str, float]]:
         c, sep, ans = item.partition("|!+")
         if not sep:
             raise ValueError(f"answer {item!r} is not 'confidence|!+answer'")
-        conf[ans] = float(c)
-        answers += [ans] * max(1, round(3 * float(c)))
+        value = float(c)
+        if not 0 <= value <= 1:  # also refuses nan
+            raise ValueError(f"answer {item!r}: confidence {c!r} is not a number in [0, 1]")
+        conf[ans] = value
+        answers += [ans] * max(1, round(3 * value))
     return answers, conf
 
 
@@ -90,23 +95,21 @@ def convert_ofa_tsv(out_dir: Path, *, task: str, tsv: dict[str, Path], split_map
 
     def records(files: list[tuple[str, Path]], split: str) -> Iterator[Record]:
         for _, path in files:
-            if not Path(path).exists():
-                raise ConversionError(f"{path}: file not found")
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f):
-                    line = line.rstrip("\r\n")
-                    if not line:
-                        continue
-                    cols = line.split("\t")
-                    if len(cols) != ncols:
-                        yield Record(str(path), i, f"{Path(path).stem}_line{i}", split, task, {}, bad=(
-                            "malformed", f"{len(cols)} tab-separated columns, a {task} TSV line has {ncols}"))
-                        continue
-                    try:
-                        yield _tsv_record(task, cols, str(path), i, split)
-                    except ValueError as e:
-                        yield Record(str(path), i, f"ofa_{clean_id(cols[0])}", split, task, {},
-                                     bad=("malformed", str(e)))
+            for i, line in read_lines(path):
+                if isinstance(line, Malformed):
+                    yield Record(str(path), i, f"{Path(path).stem}_line{i}", split, task, {},
+                                 bad=("malformed", str(line)))
+                    continue
+                cols = line.split("\t")
+                if len(cols) != ncols:
+                    yield Record(str(path), i, f"{Path(path).stem}_line{i}", split, task, {}, bad=(
+                        "malformed", f"{len(cols)} tab-separated columns, a {task} TSV line has {ncols}"))
+                    continue
+                try:
+                    yield _tsv_record(task, cols, str(path), i, split)
+                except ValueError as e:
+                    yield Record(str(path), i, f"ofa_{clean_id(cols[0])}", split, task, {},
+                                 bad=("malformed", str(e)))
 
     splits = {s: (lambda f=f, s=s: records(f, s)) for s, f in group_splits(tsv, split_map).items()}
     return write_task("ofa-tsv", task, splits, out_dir, samples_per_shard=samples_per_shard, on_bad=on_bad,

@@ -8,13 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stages.data.converters.base import (
-    ConversionError,
     ImageIndex,
+    Malformed,
     OnBad,
     Record,
     clean_id,
     entailment_word,
+    get,
     group_splits,
+    malformed,
     read_jsonl,
     write_task,
 )
@@ -35,23 +37,32 @@ def convert_snli_ve(out_dir: Path, *, images: Path, jsonl: dict[str, Path],
     """
     index = ImageIndex(images)
 
+    def record(path: Path, i: int, r: dict, split: str) -> Record:
+        key = next((k for k in FLICKR_KEYS if isinstance(r, dict) and k in r), None)
+        if key is None:
+            raise Malformed(f"no Flickr30k image id (one of {FLICKR_KEYS})")
+        fid = str(get(r, key, "id"))
+        premise, hypothesis = get(r, "sentence1", "str"), get(r, "sentence2", "str")
+        pair_id = get(r, "pairID", "str", None)
+        raw = r.get("gold_label")
+        name = fid if fid.lower().endswith((".jpg", ".jpeg", ".png")) else f"{fid}.jpg"
+        number = int(m.group(1)) if (m := re.match(r"(\d+)", fid)) else None
+        p = index.find(name, number)
+        rid = pair_id or f"{Path(path).stem}_{i}"
+        return Record(str(path), i, f"snli_{clean_id(rid)}", split, "entailment",
+                      {"premise": premise.strip(), "hypothesis": hypothesis.strip(), "label": entailment_word(raw)},
+                      {"flickr30k_id": fid, "pair_id": pair_id, "gold_label": raw},
+                      image_path=p, missing=None if p else index.describe(name, number))
+
     def records(files: list[tuple[str, Path]], split: str) -> Iterator[Record]:
         for _, path in files:
             for i, r in read_jsonl(path):
-                fid = next((str(r[k]) for k in FLICKR_KEYS if k in r), None)
-                if fid is None:
-                    raise ConversionError(f"{path}: record {i}: no Flickr30k image id (one of {FLICKR_KEYS})")
-                name = fid if fid.lower().endswith((".jpg", ".jpeg", ".png")) else f"{fid}.jpg"
-                number = int(m.group(1)) if (m := re.match(r"(\d+)", fid)) else None
-                p = index.find(name, number)
-                raw = r.get("gold_label")
-                rid = r.get("pairID") or f"{Path(path).stem}_{i}"
-                yield Record(str(path), i, f"snli_{clean_id(rid)}", split, "entailment",
-                             {"premise": str(r.get("sentence1") or "").strip(),
-                              "hypothesis": str(r.get("sentence2") or "").strip(),
-                              "label": entailment_word(raw)},
-                             {"flickr30k_id": fid, "pair_id": r.get("pairID"), "gold_label": raw},
-                             image_path=p, missing=None if p else index.describe(name, number))
+                try:
+                    if isinstance(r, Malformed):
+                        raise r
+                    yield record(path, i, r, split)
+                except Malformed as e:
+                    yield malformed(path, i, split, "entailment", e)
 
     splits = {s: (lambda f=f, s=s: records(f, s)) for s, f in group_splits(jsonl, split_map).items()}
     return write_task("snli-ve", "entailment", splits, out_dir, samples_per_shard=samples_per_shard,

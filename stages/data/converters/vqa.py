@@ -8,10 +8,14 @@ from pathlib import Path
 from stages.data.converters.base import (
     ConversionError,
     ImageIndex,
+    Malformed,
     OnBad,
     Record,
     clean_id,
+    get,
+    get_list,
     group_splits,
+    malformed,
     read_json,
     write_task,
 )
@@ -35,26 +39,51 @@ def convert_vqa(out_dir: Path, *, images: Path, questions: dict[str, Path], anno
     index = ImageIndex(images)
     grouped = group_splits(questions, split_map)
 
+    def record(q: dict, i: int, qpath: Path, apath: Path, anns: dict[int, dict], subtype: str, split: str
+               ) -> Record:
+        qid, image_id, question = get(q, "question_id", "int"), get(q, "image_id", "int"), get(q, "question", "str")
+        ann = anns.get(qid)
+        if ann is None:
+            raise Malformed(f"question {qid} has no annotation in {apath}")
+        answers = []
+        try:
+            for k, a in enumerate(get(ann, "answers", "list")):
+                try:
+                    answers.append(get(a, "answer", "str"))
+                except Malformed as e:
+                    raise Malformed(f"answers[{k}]: {e}") from None
+        except Malformed as e:
+            raise Malformed(f"the annotation of question {qid} in {apath}: {e}") from None
+        name = f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else None
+        p = index.find(name, image_id)
+        meta = {"question_id": qid, "image_id": image_id, "answer_type": ann.get("answer_type"),
+                "question_type": ann.get("question_type"),
+                "multiple_choice_answer": ann.get("multiple_choice_answer"),
+                "answer_confidence": [a.get("answer_confidence") for a in ann["answers"]]}
+        return Record(str(qpath), i, f"vqa_{clean_id(qid)}", split, "vqa",
+                      {"question": question.strip(), "answers": answers}, meta,
+                      image_path=p, missing=None if p else index.describe(name, image_id))
+
     def records(files: list[tuple[str, Path]], split: str) -> Iterator[Record]:
         for src, qpath in files:
             qdata, apath = read_json(qpath), annotations[src]
-            anns = {a["question_id"]: a for a in read_json(apath).get("annotations", [])}
-            subtype = qdata.get("data_subtype", "")
-            for i, q in enumerate(qdata.get("questions", [])):
-                qid, image_id = q["question_id"], q["image_id"]
-                ann = anns.get(qid)
-                if ann is None:
-                    raise ConversionError(f"{apath}: no annotation for question {qid} (record {i} of {qpath})")
-                name = f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else None
-                p = index.find(name, image_id)
-                answers = [str(a.get("answer", "")) for a in ann.get("answers", [])]
-                meta = {"question_id": qid, "image_id": image_id, "answer_type": ann.get("answer_type"),
-                        "question_type": ann.get("question_type"),
-                        "multiple_choice_answer": ann.get("multiple_choice_answer"),
-                        "answer_confidence": [a.get("answer_confidence") for a in ann.get("answers", [])]}
-                yield Record(str(qpath), i, f"vqa_{clean_id(qid)}", split, "vqa",
-                             {"question": str(q.get("question", "")).strip(), "answers": answers}, meta,
-                             image_path=p, missing=None if p else index.describe(name, image_id))
+            questions = get_list(qdata, "questions", qpath)
+            anns: dict[int, dict] = {}
+            for j, a in enumerate(get_list(read_json(apath), "annotations", apath)):
+                try:
+                    anns[get(a, "question_id", "int")] = a
+                except Malformed as e:
+                    yield malformed(apath, j, split, "vqa", e, where=f"annotations[{j}]")
+            subtype = qdata.get("data_subtype") or ""
+            if not isinstance(subtype, str):
+                raise ConversionError(f"{qpath}: 'data_subtype' is {subtype!r}, expected a string such as val2014")
+            for i, q in enumerate(questions):
+                try:
+                    yield record(q, i, qpath, apath, anns, subtype, split)
+                except Malformed as e:
+                    qid = q.get("question_id") if isinstance(q, dict) else None
+                    yield malformed(qpath, i, split, "vqa", e, id=f"vqa_{clean_id(qid)}" if qid is not None else "",
+                                    where=f"questions[{i}]")
 
     splits = {s: (lambda f=f, s=s: records(f, s)) for s, f in grouped.items()}
     return write_task("vqa", "vqa", splits, out_dir, samples_per_shard=samples_per_shard, on_bad=on_bad,
