@@ -66,17 +66,19 @@ def _cell(values: list[float | None], digits: int = 1, suffix: str = "") -> str:
 
 
 def aggregate(summaries: list[dict]) -> dict[str, Any]:
-    """{"runs": n, "tasks": {task: {"metric", "ar": [..], "narvl": [..], "ar_ms", "narvl_ms", "speedup"}},
-    "ablations": {task: {variant: {"metric", "values": [..]}}}}: per-run values, in run order."""
+    """{"runs": n, "tasks": {task: {"metric", "ar": [..], "narvl": [..], "ar_ms", "narvl_ms", "speedup",
+    "gap_metric", "blind", "ar_score", "narvl_score", "ar_gap", "narvl_gap"}}, "ablations": {task: {variant:
+    {"metric", "values": [..], "gap": [..]}}}}: per-run values, in run order (gap figures: summary rows' "gap")."""
     tasks: dict[str, Any] = {}
     ablations: dict[str, Any] = {}
     for s in summaries:
         for task in s["tasks"]:
             tasks.setdefault(task, {"metric": None, "ar": [], "narvl": [], "ar_ms": [], "narvl_ms": [],
-                                    "speedup": []})
+                                    "speedup": [], "gap_metric": None, "blind": [], "ar_score": [],
+                                    "narvl_score": [], "ar_gap": [], "narvl_gap": []})
         for task in s.get("ablations", {}):
             for variant in s["ablations"][task]:
-                ablations.setdefault(task, {}).setdefault(variant, {"metric": None, "values": []})
+                ablations.setdefault(task, {}).setdefault(variant, {"metric": None, "values": [], "gap": []})
     for s in summaries:
         for task, agg in tasks.items():
             row = s["tasks"].get(task) or {}
@@ -87,11 +89,19 @@ def aggregate(summaries: list[dict]) -> dict[str, Any]:
             agg["ar_ms"].append(ar.get("latency_ms"))
             agg["narvl_ms"].append(nar.get("latency_ms"))
             agg["speedup"].append(row.get("speedup"))
+            ar_gap, nar_gap = ar.get("gap") or {}, nar.get("gap") or {}
+            agg["gap_metric"] = agg["gap_metric"] or ar_gap.get("metric") or nar_gap.get("metric")
+            agg["blind"].append(ar_gap.get("blind", nar_gap.get("blind")))
+            agg["ar_score"].append(ar_gap.get("score"))
+            agg["narvl_score"].append(nar_gap.get("score"))
+            agg["ar_gap"].append(ar_gap.get("gap_closed"))
+            agg["narvl_gap"].append(nar_gap.get("gap_closed"))
         for task, variants in ablations.items():
             for variant, agg in variants.items():
                 r = (s.get("ablations", {}).get(task) or {}).get(variant) or {}
                 agg["metric"] = agg["metric"] or r.get("metric")
                 agg["values"].append(r.get("value"))
+                agg["gap"].append((r.get("gap") or {}).get("gap_closed"))
     return {"runs": len(summaries), "tasks": tasks, "ablations": ablations}
 
 
@@ -104,12 +114,26 @@ def render_tables(agg: dict[str, Any], folders: list[Path] | None = None) -> str
     for task, t in agg["tasks"].items():
         lines.append(f"| {task} | {t['metric'] or '-'} | {_cell(t['ar'])} | {_cell(t['narvl'])} | "
                      f"{_cell(t['ar_ms'], 2)} | {_cell(t['narvl_ms'], 2)} | {_cell(t['speedup'], 2, 'x')} |")
+    if any(t["gap_metric"] for t in agg["tasks"].values()):
+        lines += ["", "Gap closed over the image-blind baseline, (score - blind) / (100 - blind), on each task's gap "
+                  "metric; NARVL/AR is the ratio of the mean gaps closed.", "",
+                  "| task | gap metric | blind | AR | NARVL | AR closed | NARVL closed | NARVL/AR |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for task, t in agg["tasks"].items():
+            if not t["gap_metric"]:
+                continue
+            ar_m, nar_m = mean_std(t["ar_gap"])[0], mean_std(t["narvl_gap"])[0]
+            ratio = f"{nar_m / ar_m:.2f}" if ar_m and nar_m is not None and ar_m > 0 else "-"
+            lines.append(f"| {task} | {t['gap_metric']} | {_cell(t['blind'])} | {_cell(t['ar_score'])} | "
+                         f"{_cell(t['narvl_score'])} | {_cell(t['ar_gap'], 2)} | {_cell(t['narvl_gap'], 2)} | "
+                         f"{ratio} |")
     if agg["ablations"]:
-        lines += ["", "| task | NARVL variant | metric | value |", "|---|---|---|---|"]
+        lines += ["", "| task | NARVL variant | metric | value | gap closed |", "|---|---|---|---|---|"]
         for task, variants in agg["ablations"].items():
             main = agg["tasks"].get(task, {})
             lines.append(f"| {task} | main (Q-CTC, KD, queries) | {main.get('metric') or '-'} | "
-                         f"{_cell(main.get('narvl', []))} |")
+                         f"{_cell(main.get('narvl', []))} | {_cell(main.get('narvl_gap', []), 2)} |")
             for variant, v in variants.items():
-                lines.append(f"| {task} | {variant} | {v['metric'] or '-'} | {_cell(v['values'])} |")
+                lines.append(f"| {task} | {variant} | {v['metric'] or '-'} | {_cell(v['values'])} | "
+                             f"{_cell(v['gap'], 2)} |")
     return "\n".join(lines) + "\n"

@@ -48,7 +48,7 @@ def test_tables_aggregate_seeds_and_mark_missing_values(tmp_path):
     text = render_tables(agg, folders)
     assert "| caption | CIDEr | 160.0 +- 10.0 | 110.0 +- 10.0 | 24.00 +- 4.00 | 12.00 +- 2.00 | 2.00 +- 0.00x |" in text
     assert "52.0 +- 2.8 (n=2)" in text  # the run without a VQA value is left out, and the cell says so
-    assert "| caption | ce_no_kd | CIDEr | 25.0 +- 7.1 (n=2) |" in text
+    assert "| caption | ce_no_kd | CIDEr | 25.0 +- 7.1 (n=2) | - |" in text
     # --last picks the newest folders
     assert [f.name for f in find_runs(tmp_path, [], last=2)] == [folders[1].name, folders[2].name]
 
@@ -64,3 +64,21 @@ def test_tables_cli_and_errors(tmp_path):
         load_summaries(folders)
     result = CliRunner().invoke(app, ["tables", "--root", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no run folders" in result.output
+
+
+def test_tables_report_the_gap_closed_over_the_blind_baseline(tmp_path):
+    def gap(score: float, blind: float) -> dict:
+        return {"metric": "acc@0.5", "score": score, "blind": blind, "gap_closed": (score - blind) / (100 - blind)}
+
+    runs = []
+    for ar, nar in ((82.0, 79.0), (91.0, 88.0)):
+        s = summary(100, 50, 10)
+        s["tasks"]["grounding"] = {"ar": {"metric": "acc@0.5", "value": ar, "gap": gap(ar, 10.0)},
+                                   "narvl": {"metric": "acc@0.5", "value": nar, "gap": gap(nar, 10.0)}}
+        runs.append(s)
+    agg = aggregate(load_summaries(write_runs(tmp_path, runs)))
+    assert agg["tasks"]["grounding"]["ar_gap"] == pytest.approx([0.8, 0.9])
+    text = render_tables(agg)
+    # NARVL/AR = mean NARVL gap (0.8167) / mean AR gap (0.85)
+    assert "| grounding | acc@0.5 | 10.0 +- 0.0 | 86.5 +- 6.4 | 83.5 +- 6.4 | 0.85 +- 0.07 | 0.82 +- 0.07 | 0.96 |" \
+        in text, text
