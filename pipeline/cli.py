@@ -52,11 +52,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.executor import ExecutionError, PipelineError
     from pipeline.storage import StorageError
     from pipeline.study import StudyError
+    from pipeline.tracking import TrackingError
     from stages.data.converters import ConversionError
 
 
     errors: list[type[BaseException]] = [ConfigError, PipelineError, StudyError, ExecutionError, StorageError,
-                                         ConversionError]
+                                         ConversionError, TrackingError]
     return tuple(errors)
 
 
@@ -100,6 +101,8 @@ def run(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overrid
     except KeyboardInterrupt:
         raise _err("interrupted: running stages cancelled, MLflow runs marked KILLED; a rerun resumes"
                    " (training from its last checkpoint)", code=130) from None
+    if result.synced and (result.synced["records"] or result.synced["unreachable"]):
+        console.print(f"earlier runs on this root: {_synced(result.synced)}", highlight=False, markup=False)
     if result.summary is not None:
         console.print(summary_table(result.summary))
         console.print(gap_table(result.summary))
@@ -143,6 +146,33 @@ def plan(profile: ProfileOpt = None, config: ConfigOpt = None, overrides: Overri
     n_run = sum(a == "run" for a in actions.values())
     console.print(f"{n_run} to run, {sum(a == 'hit' for a in actions.values())} cached, then the report"
                   f" (root {storage.uri})", highlight=False, markup=False)
+
+
+@app.command()
+def sync(root: RootOpt = DEFAULT_ROOT, tracking_uri: UriOpt = None) -> None:
+    """Deliver the tracking events that runs on this root kept while their MLflow server was away, and mark the
+    MLflow runs of drivers that died (SIGKILL, a lost node) KILLED. Runs still going are left alone."""
+    from pipeline.storage import Storage
+    from pipeline.tracking import sync_root
+
+    result = _guard(lambda: sync_root(Storage(root), tracking_uri))
+    Console().print(_synced(result), highlight=False, markup=False, soft_wrap=True)
+    if result["unreachable"]:
+        raise typer.Exit(1)
+
+
+def _synced(r: dict) -> str:
+    text = (f"{r['records']} ended run(s) synced: {r['replayed']} kept tracking event(s) delivered, "
+            f"{r['killed']} MLflow run(s) of dead drivers marked KILLED")
+    if r["rejected"]:
+        text += f", {r['rejected']} event(s) refused by the store (kept in *.rejected beside their spool)"
+    if r["live"]:
+        text += f"; {r['live']} run(s) still going left alone"
+    if r["unreachable"]:
+        text += "; not answering: " + ", ".join(r["unreachable"])
+    if r["other_stores"]:
+        text += "; records of other stores (give --tracking-uri to sync them): " + ", ".join(r["other_stores"])
+    return text
 
 
 def summary_table(summary: dict) -> Table:

@@ -193,6 +193,7 @@ class PipelineResult:
     summary: dict | None
     ok: bool
     failures: list[NodeStatus] = field(default_factory=list)
+    synced: dict | None = None  # what the start of the run did for earlier runs' tracking (tracking.sync_root)
 
 
 def run_pipeline(cfg: PipelineConfig, root: str | Path, *, address: str | None = None,
@@ -206,7 +207,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, *, address: str | None =
     """
     from pipeline.executor import Executor
     from pipeline.report import write_report
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, sync_root
 
     storage = Storage(root)
     graph = build_graph(cfg)
@@ -214,18 +215,19 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, *, address: str | None =
     storage.check_writable()
     git = git or git_info()
     tracker = Tracker(storage, tracking_uri, cfg.name)
+    synced = sync_root(storage, tracker.uri)  # runs of drivers that died: KILLED; their kept events: delivered
     executor = Executor(storage, tracker, address=address, max_concurrent=cfg.resources.max_concurrent_tasks,
                         poll_s=poll_s, log_models=cfg.log_models)
-    previous_sigterm = _interrupt_on_sigterm()
     common_tags = {"profile": cfg.profile, "name": cfg.name}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent = tracker.start_parent(cfg.model_dump(mode="json"), {
-        **common_tags, "git_sha": str(git["sha"]), "git_dirty": str(git["dirty"]), "root": storage.uri,
-        "command": command[:4000], "mlflow.runName": f"{cfg.profile}-{stamp}",
-        "force": ",".join(force), "only": only or ""})
     statuses: dict[str, NodeStatus] = {}
     status = "FAILED"
+    previous_handlers = _interrupt_on_signals()
     try:
+        parent = tracker.start_parent(cfg.model_dump(mode="json"), {
+            **common_tags, "git_sha": str(git["sha"]), "git_dirty": str(git["dirty"]), "root": storage.uri,
+            "command": command[:4000], "mlflow.runName": f"{cfg.profile}-{stamp}",
+            "force": ",".join(force), "only": only or ""}, stamp=stamp)
         forced = graph.descendants(set().union(*(graph.select(f) for f in force))) if force else set()
         executor.run(graph, plan, resources=cfg.resources, tags=common_tags, git=git, on_update=on_update,
                      statuses=statuses, forced=forced)
@@ -237,25 +239,30 @@ def run_pipeline(cfg: PipelineConfig, root: str | Path, *, address: str | None =
         metrics = _summary_metrics(summary)
         tags = {f"metric_name.{t}": r["ar"]["metric"] for t, r in summary["tasks"].items() if r.get("ar")}
         tracker.finish_parent(status, metrics, report_dir, tags)
-        return PipelineResult(statuses, parent, report_dir, summary, not failures, failures)
+        return PipelineResult(statuses, parent, report_dir, summary, not failures, failures, synced)
     except BaseException:
         tracker.finish_parent("KILLED" if status == "FAILED" else status)
         raise
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
         executor.shutdown()
+        for signum, previous in previous_handlers.items():
+            signal.signal(signum, previous)
 
 
-def _interrupt_on_sigterm() -> Any:
-    """Make SIGTERM (a scheduler stopping the job) end the run like Ctrl-C; return the previous handler."""
+def _interrupt_on_signals() -> dict[int, Any]:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler stopping the job) end the run: the first raises KeyboardInterrupt
+    where the driver is, and the ones that follow while it cancels its stages, marks its MLflow runs KILLED and
+    shuts Ray down are ignored, so that cleanup completes (it takes seconds). Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    interrupted: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        if not interrupted:
+            interrupted.append(signum)
+            raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler)
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _summary_metrics(summary: dict) -> dict[str, float]:

@@ -666,7 +666,9 @@ class Executor:
                 pass
             self.sink = None
         if self._started_ray and ray.is_initialized():
-            ray.shutdown()
+            from pipeline.ray_utils import shutdown_ray
+
+            shutdown_ray()
         self._started_ray = False
         for d in self._views.values():
             shutil.rmtree(d, ignore_errors=True)
@@ -764,7 +766,7 @@ class Executor:
             for i in running.values():
                 statuses[i].state = "failed"
                 if statuses[i].run_id:
-                    self.tracker.client.set_terminated(statuses[i].run_id, status="KILLED")
+                    self.tracker.terminate(statuses[i].run_id, "KILLED")
             self.leases.release_all()
             raise
         return statuses
@@ -885,7 +887,7 @@ class Executor:
                 log_model(st.run_id, model_dir, tokenizer, "ar" if node.stage == "train_teacher" else "narvl",
                           tracking_uri=self.tracker.uri)
         except Exception as e:  # noqa: BLE001 - packaging is a convenience; the stage's result stands
-            self.tracker.client.set_tag(st.run_id, "model_logging_error", f"{type(e).__name__}: {e}"[:4000])
+            self.tracker.set_tag(st.run_id, "model_logging_error", f"{type(e).__name__}: {e}"[:4000])
 
 
 def child_tags(node: Any, common: dict[str, str]) -> dict[str, str]:

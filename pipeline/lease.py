@@ -5,8 +5,9 @@ both train it: they would share its `.work-*` folder. Before a driver submits a 
 `<root>/<task>/.lease-<name>-<key12>.json` = {owner, host, pid, heartbeat}, created atomically (O_EXCL on a
 filesystem, a conditional `If-None-Match: *` write on S3). The owner refreshes the heartbeat while the node runs
 and deletes the lease when the node ends. Another driver that finds the lease waits: when the owner's manifest
-appears the node is a cache hit for it too; when the heartbeat is older than `stale_after_s` (the owner died) the
-lease is taken over and the node runs again, resuming from its checkpoints if it trains.
+appears the node is a cache hit for it too; when the heartbeat is older than `stale_after_s`, or the owner is a
+process of this host that is gone (a driver killed with SIGKILL), the lease is taken over and the node runs again,
+resuming from its checkpoints if it trains.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import uuid
 
 from pipeline.cache import folder_name
+from pipeline.reaper import process_start
 from pipeline.storage import Storage
 
 HEARTBEAT_S = 10.0
@@ -43,7 +45,7 @@ class Leases:
 
     def _record(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "heartbeat": time.time()}).encode()
+                           "pid_start": process_start(os.getpid()), "heartbeat": time.time()}).encode()
 
     def acquire(self, rel: str) -> bool:
         """Take the lease at `rel`; False while another live owner holds it (a stale one is taken over)."""
@@ -52,7 +54,7 @@ class Leases:
         current = self.storage.read_json(rel)
         if current is None:
             return False  # being replaced right now, or unreadable: the next attempt sees it whole
-        if time.time() - float(current.get("heartbeat", 0)) > self.stale_after_s:
+        if time.time() - float(current.get("heartbeat", 0)) > self.stale_after_s or _owner_gone(current):
             self.storage.delete_file(rel)  # the owner died (or the file is unreadable): take it over
             if self.storage.create_exclusive(rel, self._record()):
                 return self._hold(rel)
@@ -92,3 +94,11 @@ class Leases:
                     self.storage.write_bytes(rel, self._record())
                 except Exception:  # noqa: BLE001 - the next beat tries again; staleness needs many misses
                     pass
+
+
+def _owner_gone(record: dict) -> bool:
+    """The lease's owner was a process of this host that no longer runs (same pid, other start time: not it)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or "pid_start" not in record:
+        return False
+    return process_start(pid) != record["pid_start"]

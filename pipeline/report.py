@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.tracking import run_rel
 from stages.benchmark import OUTPUT as LATENCY_FILE
 from stages.benchmark import mean_latency_ms
 from stages.common import write_json_atomic
@@ -213,7 +214,7 @@ def write_report(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStat
     """Write summary.json, report.md and the plots to `<root>/runs/<stamp>-<run8>/`; return (a local copy of that
     folder, summary). On an object-store root the local copy is in ./artifacts/runs/ and the folder is uploaded."""
     storage = executor.storage
-    rel = f"runs/{stamp}-{(parent_run_id or 'norun')[:8]}"
+    rel = run_rel(stamp, parent_run_id)
     out = Path("artifacts").resolve() / rel if storage.remote else storage.local(rel)
     out.mkdir(parents=True, exist_ok=True)
     summary = build_summary(cfg, graph, statuses, executor.view)

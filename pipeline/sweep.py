@@ -158,7 +158,7 @@ def _answer(scfg: SweepConfig, trial: dict, executor: Any, tracker: Any, git: di
         status = "FINISHED"
         return result
     finally:
-        tracker.client.set_terminated(trial_run, status=status)
+        tracker.terminate(trial_run, status)
 
 
 def run_sweep(scfg: SweepConfig, root: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
@@ -238,7 +238,7 @@ def run_sweep(scfg: SweepConfig, root: str | Path, *, address: str | None = None
         write_sweep_report(rows, out)
         if store.remote:
             store.upload_dir(out, rel)
-        tracker.client.log_artifacts(parent, str(out), artifact_path="sweep")
+        tracker.log_artifacts(parent, out, artifact_path="sweep")
         if errors:
             raise RuntimeError("sweep trials failed:\n" + "\n".join(errors))
         status = "FINISHED"

@@ -590,7 +590,8 @@ def local_process_group(device: str = "cpu") -> None:
         port = s.getsockname()[1]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    # an in-process store: the env:// rendezvous would serve a TCP store on every interface for a group of one
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def run_local(job: TrainJob, store: WorkStore, log: StageLog) -> dict:

@@ -30,9 +30,9 @@ def realdata() -> Path:
 @pytest.fixture(scope="session")
 def _ray_at_exit():
     yield
-    import ray
+    from pipeline.ray_utils import shutdown_ray
 
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")
