@@ -131,6 +131,7 @@ def test_server_lost_mid_run_then_synced(ray_session, server, tmp_path, monkeypa
     assert [m.step for m in client.get_metric_history(nar.info.run_id, "train/loss")] == steps
 
 
+@pytest.mark.slow
 def test_server_back_during_the_run_gets_the_events_then(ray_session, server, tmp_path, monkeypatch):
     """Down for a moment: the run delivers what it kept as soon as the server answers again, and ends with an
     empty spool and no record left."""
