@@ -219,13 +219,19 @@ def gc(root: RootOpt = DEFAULT_ROOT,
        dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be removed, remove nothing")] = False,
        grace_hours: Annotated[float, typer.Option("--grace-hours", min=0.0,
                                                   help="keep folders changed more recently than this")] = 1.0,
+       tracking_uri: UriOpt = None,
        ) -> None:
     """Remove abandoned scratch folders (.work-*, .tmp-*, .old-*) of dead runs: no live lease, idle for the grace
-    period. A removed .work-* folder takes its checkpoints with it (that stage then trains from the start)."""
+    period. A removed .work-* folder takes its checkpoints with it (that stage then trains from the start). Then,
+    as `narvl sync` does, mark the MLflow runs of dead drivers KILLED (not with --dry-run)."""
     from pipeline.gc import collect, human_bytes
     from pipeline.storage import Storage
+    from pipeline.tracking import sync_root
 
     storage = _guard(lambda: Storage(root))
+    if not dry_run:
+        Console().print(_synced(_guard(lambda: sync_root(storage, tracking_uri))), highlight=False, markup=False,
+                        soft_wrap=True)
     found = _guard(lambda: collect(storage, grace_s=grace_hours * 3600, dry_run=dry_run))
     for item in found:
         action = "would remove" if dry_run and item.action == "remove" else item.action

@@ -23,7 +23,7 @@ from stages.config import (
     Seed,
     Strict,
     Task,
-    TrainConfig,
+    TeacherTrainConfig,
 )
 from stages.data.shapes import SHAPES_MIN_QUERIES
 
@@ -69,7 +69,7 @@ class PipelineConfig(Strict):
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     pretrain: PretrainConfig = PretrainConfig()
-    train_teacher: TrainConfig = TrainConfig()
+    train_teacher: TeacherTrainConfig = TeacherTrainConfig()
     distill: DistillConfig = DistillConfig()
     train_nar: NARTrainConfig = NARTrainConfig()
     evaluate: EvalConfig = EvalConfig()

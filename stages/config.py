@@ -111,9 +111,6 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     val_every: int = Field(100, gt=0)
     shuffle_buffer: int = Field(1000, ge=0)
-    aux_caption: float = Field(0.0, ge=0, lt=1, description="AR teacher on the built-in benchmark: the share of "
-                               "training samples trained as a caption of their own image (multi-task over the "
-                               "same images, as OFA is trained); it teaches the text side to read the image")
     # DataLoader processes per worker: the shards are split between them, so they change the data order
     loader_workers: int = Field(0, ge=0)
     # where and how often the run is saved and retried: no effect on the result (resume is exact)
@@ -129,6 +126,15 @@ class TrainConfig(Strict):
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision=fp16 needs use_gpu=true; use fp32 (or bf16) on CPU")
         return self
+
+
+class TeacherTrainConfig(TrainConfig):
+    """The AR teacher's training: TrainConfig plus what only the teacher does (NARVL's queries are sized for its
+    own task's targets, so the auxiliary caption task is the teacher's alone)."""
+
+    aux_caption: float = Field(0.0, ge=0, lt=1, description="built-in benchmark: the share of training samples "
+                               "trained as a caption of their own image (multi-task over the same images, as OFA "
+                               "is trained), to make the text side read the image")
 
 
 class NARTrainConfig(TrainConfig):
@@ -151,9 +157,6 @@ class NARTrainConfig(TrainConfig):
         for task, n in self.num_queries.items():
             if n < 1:
                 raise ValueError(f"train_nar.num_queries.{task}={n}: must be >= 1")
-        if self.aux_caption:
-            raise ValueError("train_nar.aux_caption must be 0: NARVL's queries are sized for its own task's targets "
-                             "(the auxiliary caption task is the teacher's, train_teacher.aux_caption)")
         return self
 
 
@@ -255,7 +258,7 @@ class TrainStage(Strict):
     task: Task
     seed: Seed = 0
     model: ModelConfig
-    train: TrainConfig
+    train: TeacherTrainConfig
     on_bad_sample: Literal["error", "skip"] = "error"
     init_from: OFAInit | None = Field(None, description="start from OFA's weights (narvl_model.ofa."
                                                         "init_model_from_ofa) instead of a random init")

@@ -96,3 +96,34 @@ def test_gc_command_dry_run_then_remove(tmp_path):
         assert not (tmp_path / DEAD).exists() and not (tmp_path / ATTEMPT).exists() and (tmp_path / LIVE).is_dir()
     finally:
         live.release_all()
+
+
+def test_gc_marks_the_runs_of_dead_drivers_killed(tmp_path):
+    """`narvl gc` also ends what a dead driver left in MLflow: its RUNNING runs become KILLED; --dry-run touches
+    nothing."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    root = tmp_path / "root"
+    storage = Storage(root)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tracker = tracking.Tracker(storage, None, "narvl-gc")
+    parent = tracker.start_parent({"a": 1}, {"mlflow.runName": "orphan"}, stamp="20000101-000000")
+    child = tracker.start_child("caption/train_nar", {"node": "train_nar"})
+    tracker._stop.set()  # the driver "dies": no heartbeat, no end
+    record = storage.read_json(f"runs/.live/{parent}.json")
+    storage.write_json(f"runs/.live/{parent}.json", {**record, "pid": dead.pid})
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+    res = CliRunner().invoke(app, ["gc", "--root", str(root), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert client.get_run(parent).info.status == "RUNNING"
+    res = CliRunner().invoke(app, ["gc", "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    assert "2 MLflow run(s) of dead drivers marked KILLED" in res.output, res.output
+    assert {client.get_run(r).info.status for r in (parent, child)} == {"KILLED"}

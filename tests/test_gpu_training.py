@@ -28,7 +28,7 @@ from stages.config import (
     EvaluateStage,
     NARTrainConfig,
     PrepareDataStage,
-    TrainConfig,
+    TeacherTrainConfig,
     TrainNARStage,
     TrainStage,
 )
@@ -49,7 +49,7 @@ def _train(**kw) -> dict:
 
 
 def teacher_cfg() -> TrainStage:
-    return TrainStage(task=TASK, seed=0, model=ModelConfig.from_name("cpu-nano"), train=TrainConfig(**_train()))
+    return TrainStage(task=TASK, seed=0, model=ModelConfig.from_name("cpu-nano"), train=TeacherTrainConfig(**_train()))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from narvl_model.checkpoint import load_model
 from narvl_model.config import ModelConfig
 from narvl_model.model import ARModel, NARVLModel
 from stages.common import PrintLog
-from stages.config import DataConfig, NARTrainConfig, PrepareDataStage, TrainConfig, TrainNARStage, TrainStage
+from stages.config import DataConfig, NARTrainConfig, PrepareDataStage, TeacherTrainConfig, TrainNARStage, TrainStage
 
 TASK = "vqa"  # short targets: the tiny models learn something within a few dozen steps
 _BUILT: dict[str, Path] = {}  # session-wide cache shared by the importing test modules
@@ -27,7 +27,7 @@ _BUILT: dict[str, Path] = {}  # session-wide cache shared by the importing test 
 
 def teacher_cfg() -> TrainStage:
     # val/checkpoint only at the end: the best model is the final one, comparable across resumed runs
-    return TrainStage(task=TASK, seed=0, model=ModelConfig.from_name("cpu-nano"), train=TrainConfig(
+    return TrainStage(task=TASK, seed=0, model=ModelConfig.from_name("cpu-nano"), train=TeacherTrainConfig(
         max_steps=24, batch_size=8, lr=6e-3, warmup_ratio=0.1, num_workers=2, zero_stage=2, log_every=4,
         val_every=1000, checkpoint_every=1000, shuffle_buffer=32))
 
