@@ -196,7 +196,7 @@ def gap_table(summary: dict) -> Table:
     closes, (score - blind) / (100 - blind)."""
     table = Table(title="gap closed over an image-blind baseline")
     for col in ("task", "gap metric", "blind", "AR", "NARVL", "AR closed", "NARVL closed"):
-        table.add_column(col, justify="left" if col in ("task", "gap metric") else "right")
+        table.add_column(col, justify="left" if col in ("task", "gap metric") else "right", overflow="fold")
     for task, row in summary.get("tasks", {}).items():
         ar, nar = (row.get("ar") or {}).get("gap") or {}, (row.get("narvl") or {}).get("gap") or {}
         blind = row.get("blind") or {}
