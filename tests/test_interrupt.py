@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["pretrain.enabled=false", "train_teacher.max_steps=4", "train_nar.max_steps=4", "data.train_per_task=40",
+# the teacher trains long enough (2,000 tiny steps, tens of seconds) that a signal sent a moment after it starts
+# always lands mid-training, however fast the machine
+TINY = ["pretrain.enabled=false", "train_teacher.max_steps=2000", "train_nar.max_steps=4", "data.train_per_task=40",
         "data.val_per_task=10", "data.test_per_task=10", "evaluate.max_samples=10", "benchmark.num_samples=4",
-        "train_teacher.checkpoint_every=2", "train_nar.checkpoint_every=2", "train_teacher.val_every=2",
+        "train_teacher.checkpoint_every=500", "train_nar.checkpoint_every=2", "train_teacher.val_every=1000",
         "train_nar.val_every=2"]
 
 pytestmark = pytest.mark.timeout(900)
