@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--nar", action="store_true", help="also distil, train and evaluate NARVL")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--data-only", action="store_true", help="only prepare the data (e.g. beside a running probe)")
+    ap.add_argument("--data-only", action="store_true", help="only prepare the data and pretrain the backbone (before "
+                    "probes that run side by side and share them)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.threads:
@@ -73,7 +74,7 @@ def main() -> None:
     if args.nar:
         wanted |= {"distill", "train_nar", "evaluate_narvl"}
     if args.data_only:
-        wanted = {"prepare_data"}
+        wanted = {"prepare_data", "pretrain"}
     folders: dict[str, Path] = {}
     results: dict[str, dict] = defaultdict(dict)
     for node_id, node in graph.nodes.items():  # insertion order is a topological order

@@ -46,6 +46,11 @@ class ModelConfig(BaseModel):
     image_stride: Literal[8, 16] = Field(16, description="'small' backbone: pixels per image token (16 as OFA's "
                                          "ResNet; 8 gives 4x the image tokens); 'resnet' is always 16")
     image_size: int = Field(64, ge=32, le=1024)
+    fusion: Literal["joint", "cross"] = Field(
+        "joint", description="how the encoder mixes image and text: 'joint' (OFA) is one self-attention over image + "
+                             "text tokens; 'cross' keeps a self-attention per modality and adds to every layer a "
+                             "cross-attention of each token to the image tokens (a dedicated path from a word to "
+                             "the image regions it names; docs/REPRODUCTION.md, 'Learning')")
     # positions
     max_source_positions: int = Field(64, gt=0, description="max encoder text tokens")
     max_target_positions: int = Field(64, gt=0, description="max AR target tokens")
@@ -86,6 +91,9 @@ class ModelConfig(BaseModel):
     def _check(self) -> ModelConfig:
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        if self.fusion == "cross" and self.position_scheme == "ofa":
+            raise ValueError("fusion='cross' is this repo's encoder variant; OFA's layout (position_scheme='ofa') is "
+                             "a joint encoder")
         if self.backbone == "resnet" and self.image_stride != 16:
             raise ValueError("image_stride applies to the 'small' backbone; OFA's ResNet has stride 16")
         if self.num_queries > self.max_queries:

@@ -204,7 +204,7 @@ class _StaticAR:
         """Next-token logits (R, V) float for self.prev at position self.t (ARModel.decode_step, static shapes)."""
         model, dec, t = self.model, self.model.decoder, self.t
         x = model.embed_tokens(self.prev[:, None])  # (R, 1, D)
-        if self.cfg.entangle_positions:
+        if self.cfg.decoder_entangled:
             x = x + dec.embed_positions.weight.index_select(0, t)
         x = dec.layernorm_embedding(x)
         cross_bias = self.cross_bias.index_select(2, t)  # (R, H, 1, L)

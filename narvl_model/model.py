@@ -364,7 +364,7 @@ class Encoder(nn.Module):
         self.rel_pos_tables = nn.ModuleList(nn.Embedding(text_rel_table_size(cfg), cfg.heads) for _ in range(n))
         self.image_rel_pos_tables = nn.ModuleList(
             nn.Embedding(image_rel_table_size(cfg), cfg.heads) for _ in range(n))
-        self.layers = nn.ModuleList(TransformerLayer(cfg, cross=False, drop_path_rate=r)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cross=cfg.fusion == "cross", drop_path_rate=r)
                                     for r in _drop_path_rates(n, cfg.drop_path))
         self.layer_norm = nn.LayerNorm(d)
 
@@ -402,11 +402,20 @@ class Encoder(nn.Module):
         pad_bias = padding_bias(pad, x.dtype)  # (B, 1, 1, L)
         rel_idx = self._rel_index(gh, gw, s, dev)
         zero = x.new_zeros(1, cfg.heads)
+        i = gh * gw
+        cross_bias = None
+        if cfg.fusion == "cross":  # self-attention within each modality; the image is read by cross-attention
+            cross_bias = abs_bias[:, :, :, :i]  # (1, H, L, I): every token to the image tokens, by position
+            split = torch.arange(i + s, device=dev) < i
+            abs_bias = abs_bias.masked_fill(split[:, None] != split[None, :], NEG_INF)
         tables = zip(self.layers, self.rel_pos_tables, self.image_rel_pos_tables, strict=True)
         for layer, text_t, image_t in tables:
             table = torch.cat([text_t.weight, image_t.weight, zero]).to(x.dtype)  # (nb + ni + 1, H)
             rel = table[rel_idx].permute(2, 0, 1).unsqueeze(0)  # (1, H, L, L)
-            x = layer(x, abs_bias + rel + pad_bias)
+            if cross_bias is None:
+                x = layer(x, abs_bias + rel + pad_bias)
+            else:
+                x = layer(x, abs_bias + rel + pad_bias, x[:, :i], cross_bias)
         return EncoderOut(self.layer_norm(x), pad, pos.unsqueeze(0))
 
 

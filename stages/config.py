@@ -135,6 +135,16 @@ class TeacherTrainConfig(TrainConfig):
     aux_caption: float = Field(0.0, ge=0, lt=1, description="built-in benchmark: the share of training samples "
                                "trained as a caption of their own image (multi-task over the same images, as OFA "
                                "is trained), to make the text side read the image")
+    aux_grounding: float = Field(0.0, ge=0, lt=1, description="built-in benchmark: the share of training samples "
+                                 "trained as grounding of a named object of their own image (a word tied to an "
+                                 "image region, densely supervised)")
+
+    @model_validator(mode="after")
+    def _check_aux(self) -> TeacherTrainConfig:
+        if self.aux_caption + self.aux_grounding >= 1:
+            raise ValueError(f"aux_caption + aux_grounding = {self.aux_caption + self.aux_grounding:g}: the task's "
+                             "own samples need a share (the sum must stay below 1)")
+        return self
 
 
 class NARTrainConfig(TrainConfig):

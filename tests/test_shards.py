@@ -261,3 +261,38 @@ def test_aux_caption_names_a_sample_without_objects(tmp_path, tok):
     d = _raw_split(tmp_path / "a", [("k.json", json.dumps(sample).encode()), ("k.png", png)], task="entailment")
     with pytest.raises(DataError, match="k.*meta.objects"):
         list(make_loader(d, tok, "entailment", 4, train=True, aux_caption=0.99, seed=0))
+
+
+def test_aux_grounding_trains_a_share_as_boxes_of_uniquely_named_objects_of_their_own_scene(tmp_path, tok):
+    """train.aux_grounding: that share of a VQA split's training samples become grounding examples whose box tokens
+    are the box of the one object of the sample's own image the expression names."""
+    from stages.data.shapes import Obj, referring_expressions
+    from stages.data.tasks import box_text
+
+    d = tmp_path / "vqa"
+    _write(d, "vqa", 60, per_shard=20)
+    n = grounded = captions = 0
+    for b in make_loader(d, tok, "vqa", 16, train=True, seed=5, aux_caption=0.2, aux_grounding=0.4,
+                         shuffle_buffer=0):
+        for i, sample in enumerate(b.samples):
+            n += 1
+            prompt = tok.decode([t for t in b.src_tokens[i].tolist()
+                                 if t not in (tok.pad_id, tok.bos_id, tok.eos_id)])
+            if "which region" not in prompt:
+                captions += "what does the image describe" in prompt
+                continue
+            grounded += 1
+            expression = prompt.split('"')[1].strip()
+            objs = [Obj(a, b_, c, tuple(box)) for a, b_, c, *box in sample["meta"]["objects"]]
+            named = [o for o in objs if expression in referring_expressions(objs, o, sample["image_size"][0])]
+            assert len(named) == 1, (sample["id"], expression)
+            target = tok.decode([t for t in b.target[i].tolist() if t not in (tok.pad_id, tok.eos_id)])
+            assert target.split() == box_text(list(named[0].box), sample["image_size"], tok.num_bins).split()
+    assert n == 60 and 12 <= grounded <= 36 and 3 <= captions <= 24, (grounded, captions)
+
+
+def test_aux_shares_must_leave_room_for_the_task():
+    from stages.config import TeacherTrainConfig
+
+    with pytest.raises(ValueError, match="aux_caption \\+ aux_grounding = 1"):
+        TeacherTrainConfig(aux_caption=0.5, aux_grounding=0.5)
