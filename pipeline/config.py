@@ -114,6 +114,16 @@ class PipelineConfig(Strict):
                         f"target needs at least {need} queries for Q-CTC (target length + EOS + repeats); set "
                         "train_nar.allow_infeasible_queries=true to train on the targets that fit anyway"
                     )
+        if self.train_teacher.shared:
+            if self.data.source != "shapes":
+                raise ValueError("train_teacher.shared=true draws every task's samples from the built-in benchmark's "
+                                 "scenes (data.source=shapes); with converted data train one teacher per task")
+            if self.train_teacher.aux_tasks:
+                raise ValueError("train_teacher.shared=true sets the task mix itself (equal shares of the run's "
+                                 "tasks); leave train_teacher.aux_tasks empty")
+            if self.model.task_overrides:
+                raise ValueError("train_teacher.shared=true trains one model for every task; model.task_overrides "
+                                 f"({', '.join(self.model.task_overrides)}) cannot apply to it")
         if self.pretrain.enabled and self.data.source != "shapes":
             raise ValueError("pretrain.enabled=true needs the built-in benchmark's object annotations "
                              "(data.source=shapes); with converted data set pretrain.enabled=false")

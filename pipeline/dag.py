@@ -1,6 +1,7 @@
 """The pipeline DAG over the stages, planned against the stage cache; `run_pipeline` hands it to the executor.
 
-Per task: prepare_data [-> shared/pretrain, one for all tasks] -> train_teacher -> distill -> train_nar;
+Per task: prepare_data [-> shared/pretrain, one for all tasks] -> train_teacher (or shared/train_teacher, one
+multi-task teacher for all tasks: train_teacher.shared) -> distill -> train_nar;
 evaluate_ar (model = train_teacher), evaluate_narvl (model = train_nar); benchmark (ar = train_teacher,
 narvl = train_nar). Ablations from `cfg.ablations` add `train_nar[<a>]` + `evaluate_narvl[<a>]` that reuse
 the cached prefix. The report is built by the driver at the end over all tasks.
@@ -49,6 +50,7 @@ STAGES: dict[str, str] = {
 # Nodes that serve every task live under this pseudo-task (folder <root>/shared/).
 SHARED = "shared"
 SHARED_PRETRAIN = f"{SHARED}/pretrain"
+SHARED_TEACHER = f"{SHARED}/train_teacher"
 
 
 @dataclass
@@ -121,9 +123,8 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
         node.key = node_key(node.stage, versions[node.stage], node.cfg, input_keys)
         nodes[node.id] = node
 
+    shared_teacher = cfg.train_teacher.shared
     for task in cfg.tasks:
-        teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(task), train=cfg.train_teacher,
-                             on_bad_sample=cfg.data.on_bad_sample, init_from=cfg.init_from)
         add(Node(task, "prepare_data", "prepare_data", PrepareDataStage(task=task, data=cfg.data), {}))
         teacher_inputs = {"data": "prepare_data"}
         if cfg.pretrain.enabled:
@@ -133,25 +134,37 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
                                        pretrain=cfg.pretrain),
                          {"data": f"{task}/prepare_data"}, keyed_inputs=False))
             teacher_inputs["pretrain"] = SHARED_PRETRAIN
-        add(Node(task, "train_teacher", "train_teacher", teacher, teacher_inputs))
+        if not shared_teacher:
+            teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(task), train=cfg.train_teacher,
+                                 on_bad_sample=cfg.data.on_bad_sample, init_from=cfg.init_from)
+            add(Node(task, "train_teacher", "train_teacher", teacher, teacher_inputs))
+        elif SHARED_TEACHER not in nodes:  # one multi-task teacher, on the first task's images (the same scenes
+            # as every task's: the benchmark draws scene i of a split alike for all tasks)
+            mix = {t: 1.0 / len(cfg.tasks) for t in cfg.tasks if t != task}
+            teacher = TrainStage(task=task, seed=cfg.seed, model=cfg.model.build(),
+                                 train=cfg.train_teacher.model_copy(update={"aux_tasks": mix}),
+                                 on_bad_sample=cfg.data.on_bad_sample, init_from=cfg.init_from)
+            add(Node(SHARED, "train_teacher", "train_teacher", teacher,
+                     {k: (f"{task}/{v}" if "/" not in v else v) for k, v in teacher_inputs.items()}))
+        teacher_node = SHARED_TEACHER if shared_teacher else "train_teacher"
         add(Node(task, "distill", "distill", DistillStage(task=task, distill=cfg.distill),
-                 {"data": "prepare_data", "teacher": "train_teacher"}))
+                 {"data": "prepare_data", "teacher": teacher_node}))
         variants: list[tuple[str | None, NARTrainConfig]] = [(None, cfg.train_nar)]
         variants += [(a, cfg.train_nar.model_copy(update=ABLATIONS[a])) for a in cfg.task_ablations(task)]
         for ablation, train in variants:
             suffix = f"[{ablation}]" if ablation else ""
-            inputs = {"data": "prepare_data", "teacher": "train_teacher"}
+            inputs = {"data": "prepare_data", "teacher": teacher_node}
             if train.kd:
                 inputs["distill"] = "distill"
             add(Node(task, f"train_nar{suffix}", "train_nar", _nar_stage(cfg, task, train), inputs, ablation))
             if ablation is None:
                 add(Node(task, "evaluate_ar", "evaluate", EvaluateStage(task=task, kind="ar", eval=cfg.evaluate),
-                         {"data": "prepare_data", "model": "train_teacher"}))
+                         {"data": "prepare_data", "model": teacher_node}))
             add(Node(task, f"evaluate_narvl{suffix}", "evaluate",
                      EvaluateStage(task=task, kind="narvl", eval=cfg.evaluate),
                      {"data": "prepare_data", "model": f"train_nar{suffix}"}, ablation))
         add(Node(task, "benchmark", "benchmark", BenchmarkStage(task=task, benchmark=cfg.benchmark),
-                 {"data": "prepare_data", "ar": "train_teacher", "narvl": "train_nar"}))
+                 {"data": "prepare_data", "ar": teacher_node, "narvl": "train_nar"}))
     return Graph(nodes)
 
 

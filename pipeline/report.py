@@ -225,7 +225,7 @@ def write_report(cfg: PipelineConfig, graph: Graph, statuses: dict[str, NodeStat
             plots.append("metric_vs_latency.png")
         for task in cfg.tasks:
             folders = {st.name: executor.view(st.rel) for st in statuses.values()
-                       if st.task == task and st.stage in ("train_teacher", "train_nar") and st.rel
+                       if st.task in (task, "shared") and st.stage in ("train_teacher", "train_nar") and st.rel
                        and st.state in ("hit", "succeeded")}
             if plot_curves(task, folders, out / f"curves_{task}.png"):
                 plots.append(f"curves_{task}.png")

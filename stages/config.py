@@ -130,21 +130,30 @@ class TrainConfig(Strict):
 
 class TeacherTrainConfig(TrainConfig):
     """The AR teacher's training: TrainConfig plus what only the teacher does (NARVL's queries are sized for its
-    own task's targets, so the auxiliary caption task is the teacher's alone)."""
+    own task's targets, so the auxiliary tasks are the teacher's alone)."""
 
-    aux_caption: float = Field(0.0, ge=0, lt=1, description="built-in benchmark: the share of training samples "
-                               "trained as a caption of their own image (multi-task over the same images, as OFA "
-                               "is trained), to make the text side read the image")
-    aux_grounding: float = Field(0.0, ge=0, lt=1, description="built-in benchmark: the share of training samples "
-                                 "trained as grounding of a named object of their own image (a word tied to an "
-                                 "image region, densely supervised)")
+    aux_tasks: dict[Task, float] = Field(
+        default_factory=dict, description="built-in benchmark: task -> the share of training samples trained as a "
+        "fresh sample of that task over their own image (drawn from the scene the sample carries) instead of the "
+        "split's sample: a multi-task teacher over the same images, as OFA is trained multi-task. The teacher's "
+        "own task may be listed too (new questions about the same images)")
 
-    @model_validator(mode="after")
-    def _check_aux(self) -> TeacherTrainConfig:
-        if self.aux_caption + self.aux_grounding >= 1:
-            raise ValueError(f"aux_caption + aux_grounding = {self.aux_caption + self.aux_grounding:g}: the task's "
-                             "own samples need a share (the sum must stay below 1)")
-        return self
+    shared: bool = Field(False, description="one teacher for every task of the run, as OFA is trained multi-task "
+                         "(built-in benchmark): it trains on the first task's images, each sample drawn as any of "
+                         "the run's tasks with equal shares over its scene, and every task's distillation, NARVL "
+                         "and evaluation use it. max_steps is its total: the per-task teachers' steps summed is "
+                         "the like-for-like budget")
+
+    @field_validator("aux_tasks")
+    @classmethod
+    def _check_aux(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {t: p for t, p in v.items() if not 0 <= p < 1}
+        if bad:
+            raise ValueError(f"aux_tasks shares must be in [0, 1): {bad}")
+        if sum(v.values()) >= 1:
+            raise ValueError(f"aux_tasks shares add up to {sum(v.values()):g}: the split's own samples need a share "
+                             "(the sum must stay below 1)")
+        return v
 
 
 class NARTrainConfig(TrainConfig):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from narvl_model.tokenizer import Tokenizer
 from stages.common import StageLog
-from stages.config import DataConfig, PrepareDataStage
+from stages.config import TASKS, DataConfig, PrepareDataStage
 from stages.data import shapes
 from stages.data.shards import (
     IMAGE_EXTS,
@@ -31,7 +31,7 @@ from stages.data.shards import (
 )
 from stages.data.tasks import all_targets, sample_texts
 
-VERSION = 3  # 3: shapes generator 3 (VQA annotator disagreement, image-dependent entailment)
+VERSION = 4  # 3: shapes generator 3 (VQA annotator disagreement, image-dependent entailment); 4: one BPE for all tasks
 MAX_LOGGED_SKIPS = 20  # skipped samples named one per log line; the rest are counted
 
 
@@ -140,7 +140,16 @@ def build_tokenizer(data: DataConfig, train_dir: Path, task: str) -> Tokenizer:
         d = Path(data.ofa_bpe_dir)
         return Tokenizer.from_ofa_files(d / "encoder.json", d / "vocab.bpe", d / "dict.txt",
                                         num_bins=data.num_bins)
-    texts = (t for s in iter_split_samples(train_dir, task) for t in sample_texts(s, data.num_bins))
+    if data.source == "shapes":
+        # One vocabulary for the whole benchmark: trained on the texts of all four tasks over the training scenes,
+        # the same whichever task this folder holds, so that one teacher can serve every task (a multi-task
+        # teacher, train_teacher.shared) and auxiliary tasks (train_teacher.aux_tasks) tokenise as well as the
+        # task's own texts.
+        texts = (t for i in range(data.train_per_task) for tk in TASKS
+                 for t in sample_texts(shapes.sample_json(tk, "train", i, data.image_size, data.seed,
+                                                          data.max_objects), data.num_bins))
+    else:
+        texts = (t for s in iter_split_samples(train_dir, task) for t in sample_texts(s, data.num_bins))
     return Tokenizer.train(texts, vocab_size=data.bpe_vocab_size, num_bins=data.num_bins)
 
 

@@ -402,8 +402,7 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     def batches(epoch: int, skip: int):
         loader = make_loader(data_dir / "train", tokenizer, stage_cfg.task, tc.batch_size, train=True,
                              seed=stage_cfg.seed, epoch=epoch, target_override=override, max_target_len=max_tgt,
-                             aux_caption=tc.aux_caption if kind == "ar" else 0.0,
-                             aux_grounding=tc.aux_grounding if kind == "ar" else 0.0, **common)
+                             aux_tasks=tc.aux_tasks if kind == "ar" else None, **common)
         for i, b in enumerate(loader):
             if i >= skip:
                 yield b

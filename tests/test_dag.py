@@ -107,6 +107,43 @@ def test_one_pretrain_serves_every_task(fakes):
     assert dag.build_graph(config("model.overrides.backbone_width=12")).nodes["shared/pretrain"].key != pre.key
 
 
+def test_one_shared_teacher_serves_every_task(fakes):
+    """train_teacher.shared: one multi-task teacher node, trained on the first task's images with the other tasks
+    drawn at equal shares; every task's distillation, NARVL, evaluation and benchmark read it."""
+    cfg = config("tasks=[caption,vqa,grounding]", "train_teacher.shared=true", "model.task_overrides={}")
+    graph = dag.build_graph(cfg)
+    teachers = [n for n in graph.nodes.values() if n.stage == "train_teacher"]
+    assert [t.id for t in teachers] == ["shared/train_teacher"]
+    teacher = teachers[0]
+    assert teacher.inputs["data"] == "caption/prepare_data" and teacher.cfg.task == "caption"
+    assert teacher.cfg.train.aux_tasks == pytest.approx({"vqa": 1 / 3, "grounding": 1 / 3})
+    for task in ("caption", "vqa", "grounding"):
+        n = graph.nodes
+        assert n[f"{task}/distill"].inputs["teacher"] == "shared/train_teacher"
+        assert n[f"{task}/train_nar"].inputs["teacher"] == "shared/train_teacher"
+        assert n[f"{task}/evaluate_ar"].inputs["model"] == "shared/train_teacher"
+        assert n[f"{task}/benchmark"].inputs["ar"] == "shared/train_teacher"
+        assert f"{task}/train_teacher" not in n
+    # its key follows the tasks it learns
+    other = dag.build_graph(config("tasks=[caption,vqa]", "train_teacher.shared=true", "model.task_overrides={}"))
+    assert other.nodes["shared/train_teacher"].key != teacher.key
+    for bad, needle in ((["train_teacher.aux_tasks.caption=0.2"], "aux_tasks"),
+                        (["model.task_overrides.vqa.dropout=0.2"], "task_overrides")):
+        with pytest.raises(ConfigError, match=needle):
+            config("tasks=[caption,vqa]", "train_teacher.shared=true", "model.task_overrides={}", *bad)
+
+
+def test_shared_teacher_pipeline_runs_every_task(fakes, ray_session, tmp_path):
+    cfg = config("tasks=[caption,vqa]", "train_teacher.shared=true", "model.task_overrides={}")
+    result, ran = run(cfg, tmp_path)
+    assert result.ok, [(s.id, s.state, s.error) for s in result.statuses.values()]
+    teacher_runs = [e for e in executions(tmp_path) if e["node"] == "train_teacher"]
+    assert len(teacher_runs) == 1  # one teacher for both tasks
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert set(summary["tasks"]) == {"caption", "vqa"}
+    assert all(summary["tasks"][t]["ar"]["value"] is not None for t in ("caption", "vqa"))
+
+
 def test_per_task_ablations(fakes):
     cfg = config("ablations={caption: [ce_no_kd, no_kd], vqa: [no_kd]}", "tasks=[caption,vqa]")
     graph = dag.build_graph(cfg)

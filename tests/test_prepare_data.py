@@ -33,6 +33,27 @@ def test_shapes_source(tmp_path):
     assert log.last("prepare_data/samples") == 36
 
 
+def test_the_benchmark_has_one_vocabulary_for_every_task(tmp_path):
+    """Built-in benchmark: every task's tokenizer is the same file (one teacher can serve all tasks), and it
+    encodes the other tasks' texts in fewer pieces than a vocabulary of the task's own texts would."""
+    from stages.data.shapes import sample_json
+    from stages.data.tasks import sample_texts
+
+    files = {}
+    for task in ("caption", "entailment"):
+        prepare_data.run(PrepareDataStage(task=task, data=DataConfig(**TINY)), prepare_data.Inputs(),
+                         tmp_path / task, PrintLog())
+        files[task] = {f.name: f.read_bytes() for f in (tmp_path / task / "tokenizer").iterdir()}
+    assert files["caption"] == files["entailment"]
+    tok = Tokenizer.load(tmp_path / "caption" / "tokenizer")
+    own = Tokenizer.train((t for s in prepare_data.iter_split_samples(tmp_path / "caption" / "train", "caption")
+                           for t in sample_texts(s, 16)), vocab_size=300, num_bins=16)  # caption texts only
+    other = [t for task in ("vqa", "grounding") for i in range(6)  # tasks this run never prepared
+             for t in sample_texts(sample_json(task, "train", i, 32, 0, 4), 16)]
+    shared_len, own_len = (sum(len(k.encode(t)) for t in other) for k in (tok, own))
+    assert shared_len < own_len, (shared_len, own_len)
+
+
 def test_shards_source_via_synth_all(tmp_path):
     data = DataConfig(**TINY)
     synth = prepare_data.synth_all(data, ["caption", "vqa"], tmp_path / "synth", PrintLog())

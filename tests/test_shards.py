@@ -229,8 +229,8 @@ def test_iter_split_json_reads_every_sample_json_but_no_image(tmp_path, caption_
 
 
 def test_aux_caption_trains_a_share_of_samples_as_captions_of_their_own_scene(tmp_path, tok):
-    """train.aux_caption: about that share of an entailment split's training samples become caption examples whose
-    target names exactly the objects of the sample's own image; evaluation batches never change."""
+    """train_teacher.aux_tasks {caption: 0.5}: about that share of an entailment split's training samples become
+    caption examples whose target names exactly the objects of the sample's own image; evaluation never changes."""
     from stages.data.schema import task_prompt
     from stages.data.shapes import parse_caption
 
@@ -238,7 +238,8 @@ def test_aux_caption_trains_a_share_of_samples_as_captions_of_their_own_scene(tm
     _write(d, "entailment", 60, per_shard=20)
     caption_src = [tok.bos_id, *tok.encode(task_prompt("caption", {})), tok.eos_id]
     n = captions = 0
-    for b in make_loader(d, tok, "entailment", 16, train=True, seed=3, aux_caption=0.5, shuffle_buffer=0):
+    for b in make_loader(d, tok, "entailment", 16, train=True, seed=3, aux_tasks={"caption": 0.5},
+                         shuffle_buffer=0):
         for i, sample in enumerate(b.samples):
             n += 1
             src = [t for t in b.src_tokens[i].tolist() if t != tok.pad_id]
@@ -249,50 +250,71 @@ def test_aux_caption_trains_a_share_of_samples_as_captions_of_their_own_scene(tm
             want = {tuple(o[:3]) for o in sample["meta"]["objects"]}
             assert parse_caption(words) == want, (sample["id"], words)
     assert n == 60 and 15 <= captions <= 45, captions
-    for b in make_loader(d, tok, "entailment", 16, train=False, aux_caption=0.5):  # evaluation: never
+    for b in make_loader(d, tok, "entailment", 16, train=False, aux_tasks={"caption": 0.5}):  # evaluation: never
         for i, sample in enumerate(b.samples):
             src = [t for t in b.src_tokens[i].tolist() if t != tok.pad_id]
             assert src == [tok.bos_id, *tok.encode(sample["prompt"]), tok.eos_id], sample["id"]
 
 
-def test_aux_caption_names_a_sample_without_objects(tmp_path, tok):
+def test_aux_tasks_name_a_sample_without_objects(tmp_path, tok):
     sample, png = next(generate("entailment", "train", 1, 32, seed=0))
     sample["id"], sample["meta"] = "no-objects", {}
     d = _raw_split(tmp_path / "a", [("k.json", json.dumps(sample).encode()), ("k.png", png)], task="entailment")
     with pytest.raises(DataError, match="k.*meta.objects"):
-        list(make_loader(d, tok, "entailment", 4, train=True, aux_caption=0.99, seed=0))
+        list(make_loader(d, tok, "entailment", 4, train=True, aux_tasks={"caption": 0.99}, seed=0))
 
 
-def test_aux_grounding_trains_a_share_as_boxes_of_uniquely_named_objects_of_their_own_scene(tmp_path, tok):
-    """train.aux_grounding: that share of a VQA split's training samples become grounding examples whose box tokens
-    are the box of the one object of the sample's own image the expression names."""
-    from stages.data.shapes import Obj, referring_expressions
+def _decoded(tok, row) -> str:
+    return tok.decode([t for t in row.tolist() if t not in (tok.pad_id, tok.bos_id, tok.eos_id)])
+
+
+def test_aux_tasks_draw_true_samples_of_every_task_over_their_own_scene(tmp_path, tok):
+    """A VQA teacher's batches with aux_tasks over all four tasks: each auxiliary example is correct for the
+    sample's own image: a grounding box is the box of the one object its expression names, a caption names the
+    scene's objects, an entailment "yes"/"no" on "there is a ..." is the truth of its hypothesis."""
+    from stages.data.shapes import Obj, parse_caption, referring_expressions
     from stages.data.tasks import box_text
 
     d = tmp_path / "vqa"
-    _write(d, "vqa", 60, per_shard=20)
-    n = grounded = captions = 0
-    for b in make_loader(d, tok, "vqa", 16, train=True, seed=5, aux_caption=0.2, aux_grounding=0.4,
-                         shuffle_buffer=0):
+    _write(d, "vqa", 80, per_shard=20)
+    seen: dict[str, int] = {}
+    shares = {"caption": 0.15, "grounding": 0.25, "vqa": 0.2, "entailment": 0.2}
+    for b in make_loader(d, tok, "vqa", 16, train=True, seed=5, aux_tasks=shares, shuffle_buffer=0):
         for i, sample in enumerate(b.samples):
-            n += 1
-            prompt = tok.decode([t for t in b.src_tokens[i].tolist()
-                                 if t not in (tok.pad_id, tok.bos_id, tok.eos_id)])
-            if "which region" not in prompt:
-                captions += "what does the image describe" in prompt
-                continue
-            grounded += 1
-            expression = prompt.split('"')[1].strip()
-            objs = [Obj(a, b_, c, tuple(box)) for a, b_, c, *box in sample["meta"]["objects"]]
-            named = [o for o in objs if expression in referring_expressions(objs, o, sample["image_size"][0])]
-            assert len(named) == 1, (sample["id"], expression)
-            target = tok.decode([t for t in b.target[i].tolist() if t not in (tok.pad_id, tok.eos_id)])
-            assert target.split() == box_text(list(named[0].box), sample["image_size"], tok.num_bins).split()
-    assert n == 60 and 12 <= grounded <= 36 and 3 <= captions <= 24, (grounded, captions)
+            prompt, target = _decoded(tok, b.src_tokens[i]), _decoded(tok, b.target[i])
+            objs = [Obj(a, c, s_, tuple(box)) for a, c, s_, *box in sample["meta"]["objects"]]
+            if "which region" in prompt:
+                kind = "grounding"
+                expression = prompt.split('"')[1].strip()
+                named = [o for o in objs if expression in referring_expressions(objs, o, sample["image_size"][0])]
+                assert len(named) == 1, (sample["id"], expression)
+                assert target.split() == box_text(list(named[0].box), sample["image_size"], tok.num_bins).split()
+            elif "what does the image describe" in prompt:
+                kind = "caption"
+                assert parse_caption(target) == {o.triple() for o in objs}
+            elif "imply text2" in prompt:
+                kind = "entailment"
+                hypothesis = prompt.split('"')[3].strip()
+                if target != "maybe" and hypothesis.startswith("there is a"):
+                    words = hypothesis.split()
+                    truth = any(o.colour == words[-2] and o.shape == words[-1] for o in objs)
+                    assert target == ("yes" if truth else "no"), (sample["id"], hypothesis, target)
+            else:
+                kind = "vqa"
+                if prompt.strip() != sample["question"].strip():  # a new question; its answers are drawn and
+                    kind = "vqa (fresh)"  # weighted as the split's (an annotator's answer, VQA confidence)
+                    assert 0 < b.weights[i] <= 1
+            seen[kind] = seen.get(kind, 0) + 1
+    assert sum(seen.values()) == 80
+    assert all(seen.get(k, 0) >= 3 for k in ("caption", "grounding", "entailment", "vqa (fresh)", "vqa")), seen
 
 
 def test_aux_shares_must_leave_room_for_the_task():
     from stages.config import TeacherTrainConfig
 
-    with pytest.raises(ValueError, match="aux_caption \\+ aux_grounding = 1"):
-        TeacherTrainConfig(aux_caption=0.5, aux_grounding=0.5)
+    with pytest.raises(ValueError, match="add up to 1"):
+        TeacherTrainConfig(aux_tasks={"caption": 0.5, "grounding": 0.5})
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        TeacherTrainConfig(aux_tasks={"caption": -0.1})
+    with pytest.raises(ValueError, match="aux_tasks"):
+        TeacherTrainConfig(aux_tasks={"ocr": 0.1})

@@ -209,6 +209,26 @@ def scene_caption(objects: list[list], rng: np.random.Generator) -> str:
     return caption_variants(objs, rng, k=1)[0]
 
 
+def scene_sample(task: str, objects: list[list], image_size: int, rng: np.random.Generator, max_objects: int = 4
+                 ) -> dict:
+    """A fresh sample of `task` over a scene given as meta.objects rows [size, colour, shape, x0, y0, x1, y1]:
+    its task fields (references / question + answers / expression + box / premise + hypothesis + label), "task"
+    and "image_size", drawn as the generator draws them (no image, id or prompt)."""
+    objs = [Obj(str(r[0]), str(r[1]), str(r[2]), tuple(int(v) for v in r[3:7])) for r in objects]
+    if task == "caption":
+        fields = {"references": caption_variants(objs, rng, k=5)}
+    elif task == "vqa":
+        fields = vqa_item(objs, rng, image_size)
+    elif task == "grounding":
+        fields = grounding_item(objs, rng, image_size)
+    elif task == "entailment":
+        fields = entailment_item(objs, rng, int(rng.integers(3)), image_size, max_objects)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_CODE)}")
+    fields.pop("meta", None)
+    return {"task": task, "image_size": [image_size, image_size], **fields}
+
+
 def parse_caption(text: str) -> set[tuple[str, str, str]]:
     """The objects a caption names: every "<size> <colour> <shape>" word triple, as (size, colour, shape)."""
     words = _WORD.findall(text.lower())
@@ -467,15 +487,13 @@ def entailment_item(objs: list[Obj], rng: np.random.Generator, index: int, image
 
 
 # ---- samples ------------------------------------------------------------------------------------------------
-def make_sample(task: str, split: str, index: int, image_size: int, seed: int, max_objects: int
-                ) -> tuple[dict, bytes]:
-    """One sample (schema of stages/data/schema.py) and its PNG bytes."""
+def sample_json(task: str, split: str, index: int, image_size: int, seed: int, max_objects: int) -> dict:
+    """One sample's JSON (schema of stages/data/schema.py) without drawing its image."""
     if task not in _TASK_CODE:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_CODE)}")
     if not 1 <= max_objects <= 4:
         raise ValueError(f"max_objects={max_objects}: the shapes benchmark supports 1..4")
     objs = make_scene(seed, split, index, image_size, max_objects)
-    png = render(objs, image_size, seed, split, index)
     rng = _rng(seed, split, index, stream=_TASK_CODE[task])
     sample: dict = {"id": f"shapes-{task}-{split}-{index:07d}", "task": task,
                     "image_size": [image_size, image_size]}
@@ -492,7 +510,15 @@ def make_sample(task: str, split: str, index: int, image_size: int, seed: int, m
     sample["prompt"] = task_prompt(task, sample)
     sample["meta"] = {"objects": [[*o.triple(), *o.box] for o in objs], "generator_version": GENERATOR_VERSION,
                       "seed": seed, "split": split, "index": index, **meta}
-    return sample, png
+    return sample
+
+
+def make_sample(task: str, split: str, index: int, image_size: int, seed: int, max_objects: int
+                ) -> tuple[dict, bytes]:
+    """One sample (schema of stages/data/schema.py) and its PNG bytes."""
+    sample = sample_json(task, split, index, image_size, seed, max_objects)
+    objs = make_scene(seed, split, index, image_size, max_objects)
+    return sample, render(objs, image_size, seed, split, index)
 
 
 def generate(task: str, split: str, n: int, image_size: int, seed: int, max_objects: int = 4

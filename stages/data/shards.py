@@ -400,52 +400,29 @@ def decode_image(data: bytes, image_size: int | None, where: str) -> np.ndarray:
     return ((arr - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
 
-def _scene_objects(sample: dict, option: str, where: str) -> list:
+def aux_example(task: str, sample: dict, rng: np.random.Generator, num_bins: int, where: str
+                ) -> tuple[str, str, float]:
+    """(prompt, target text, loss weight) of a fresh `task` sample over the scene of `sample` (built-in benchmark
+    samples carry it in meta.objects): the auxiliary tasks of a multi-task teacher over the same images.
+
+    Raises:
+        DataError: the sample carries no usable built-in benchmark scene, naming it.
+    """
+    from stages.data.schema import task_prompt
+    from stages.data.shapes import scene_sample
+    from stages.data.tasks import train_target
+
     objects = (sample.get("meta") or {}).get("objects")
     if not objects:
-        raise DataError(f"{where}: train.{option} needs the built-in benchmark's meta.objects (data.source="
-                        "shapes); this sample has none")
-    return objects
-
-
-def aux_caption_example(sample: dict, rng: np.random.Generator, where: str) -> tuple[str, str]:
-    """(caption prompt, a caption of the sample's scene) from its meta.objects: the auxiliary caption task.
-
-    Raises:
-        DataError: the sample carries no built-in benchmark objects, naming it.
-    """
-    from stages.data.schema import task_prompt
-    from stages.data.shapes import scene_caption
-
-    objects = _scene_objects(sample, "aux_caption", where)
-    return task_prompt("caption", sample), scene_caption(objects, rng)
-
-
-def aux_grounding_example(sample: dict, rng: np.random.Generator, num_bins: int, where: str) -> tuple[str, str]:
-    """(grounding prompt, box tokens) for a referring expression of one object of the sample's scene, drawn from
-    its meta.objects: the auxiliary grounding task (a word of the text tied to an image region, densely supervised).
-
-    Raises:
-        DataError: the sample carries no built-in benchmark objects, naming it.
-    """
-    from stages.data.schema import task_prompt
-    from stages.data.shapes import Obj, referring_expressions
-    from stages.data.tasks import box_text
-
-    objects = _scene_objects(sample, "aux_grounding", where)
+        raise DataError(f"{where}: train_teacher.aux_tasks needs the built-in benchmark's meta.objects "
+                        "(data.source=shapes); this sample has none")
     try:
-        objs = [Obj(str(a), str(b), str(c), tuple(int(v) for v in box)) for a, b, c, *box in objects]
-        size = [int(v) for v in sample["image_size"]]
-    except (TypeError, ValueError, KeyError) as e:
+        aux = scene_sample(task, objects, int(sample["image_size"][0]), rng)
+    except (TypeError, ValueError, KeyError, IndexError) as e:
         raise DataError(f"{where}: meta.objects / image_size are not the built-in benchmark's "
-                        f"([size, colour, shape, x0, y0, x1, y1] rows): {e}") from None
-    order = rng.permutation(len(objs))
-    for i in order:  # every object has an expression unless two are identical; then try another
-        exprs = referring_expressions(objs, objs[i], size[0])
-        if exprs:
-            expression = exprs[int(rng.integers(len(exprs)))]
-            return task_prompt("grounding", {"expression": expression}), box_text(list(objs[i].box), size, num_bins)
-    raise DataError(f"{where}: no object of the scene can be named uniquely for train.aux_grounding")
+                        f"([size, colour, shape, x0, y0, x1, y1] rows): {type(e).__name__}: {e}") from None
+    text, weight = train_target(aux, rng, num_bins)
+    return task_prompt(task, aux), text, weight
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -454,15 +431,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, split_dir: Path, manifest: dict, tokenizer: Any, task: str, batch_size: int, *, train: bool,
                  seed: int, epoch: int, shuffle_buffer: int, rank: int, world_size: int,
                  target_override: dict[str, str] | None, on_bad_sample: str, image_size: int | None,
-                 max_source_len: int, max_target_len: int | None, aux_caption: float = 0.0,
-                 aux_grounding: float = 0.0) -> None:
+                 max_source_len: int, max_target_len: int | None, aux_tasks: dict[str, float] | None = None
+                 ) -> None:
         super().__init__()
         self.split_dir, self.manifest, self.tok, self.task = split_dir, manifest, tokenizer, task
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, epoch
         self.shuffle_buffer, self.rank, self.world_size = shuffle_buffer, rank, world_size
         self.override, self.on_bad, self.image_size = target_override, on_bad_sample, image_size
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
-        self.aux_caption, self.aux_grounding = aux_caption, aux_grounding
+        self.aux_tasks = [(t, p) for t, p in (aux_tasks or {}).items() if p > 0]
 
     def _raw(self, part: int, parts: int) -> Iterator[tuple[Path, str, dict[str, bytes]] | DataError]:
         """This reader's samples in order; an unreadable shard yields one DataError (the rest of it is lost)."""
@@ -503,14 +480,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
         image = decode_image(image_bytes, self.image_size, f"{path}: sample {key!r}")
         tok = self.tok
         prompt, sid = sample["prompt"], str(sample["id"])
-        draw = rng.random() if self.train and self.aux_caption + self.aux_grounding > 0 else 1.0
-        if draw < self.aux_caption + self.aux_grounding:
-            where = f"{path}: sample {key!r}"
-            prompt, text = (aux_caption_example(sample, rng, where) if draw < self.aux_caption else
-                            aux_grounding_example(sample, rng, tok.num_bins, where))
+        draw = rng.random() if self.train and self.aux_tasks else 1.0
+        for aux_task, share in self.aux_tasks:  # the sample's image with another (or a fresh) task over its scene
+            if draw >= share:
+                draw -= share
+                continue
+            prompt, text, weight = aux_example(aux_task, sample, rng, tok.num_bins, f"{path}: sample {key!r}")
             src = [tok.bos_id, *tok.encode(prompt)[: self.max_source_len - 2], tok.eos_id]
-            return {"image": image, "src": src, "tgt": [*tok.encode(text), tok.eos_id], "weight": 1.0,
-                    "sample": sample}
+            tgt = tok.encode(text)
+            if self.max_target_len is not None:
+                tgt = tgt[: self.max_target_len - 1]
+            return {"image": image, "src": src, "tgt": [*tgt, tok.eos_id], "weight": weight, "sample": sample}
         src = [tok.bos_id, *tok.encode(prompt)[: self.max_source_len - 2], tok.eos_id]
         if self.override is not None and sid in self.override:
             text, weight = self.override[sid], 1.0
@@ -596,7 +576,7 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
                 target_override: dict[str, str] | None = None,
                 on_bad_sample: Literal["error", "skip"] = "error", image_size: int | None = None,
                 max_source_len: int = 64, max_target_len: int | None = None, verify: bool = False,
-                aux_caption: float = 0.0, aux_grounding: float = 0.0) -> ShardLoader:
+                aux_tasks: dict[str, float] | None = None) -> ShardLoader:
     """A loader of padded batches of one split (see docs/ARCHITECTURE.md).
 
     Args:
@@ -615,9 +595,9 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
         max_source_len: longest src_tokens row including bos and eos.
         max_target_len: longest target row including eos (None: no limit).
         verify: check every shard's sha256 against the manifest first.
-        aux_caption: train only; the share of samples trained as a caption of their own image instead of their
-            task (built-in benchmark samples, whose meta.objects gives the caption): multi-task over the same images.
-        aux_grounding: train only; the share trained as grounding of an object of their own image (the same way).
+        aux_tasks: train only; task -> the share of samples trained as a fresh sample of that task over their own
+            image instead of their split's sample (built-in benchmark samples, whose meta.objects holds the scene):
+            multi-task over the same images. The shares add up to less than 1.
     """
     split_dir = Path(split_dir)
     if on_bad_sample not in ("error", "skip"):
@@ -637,5 +617,5 @@ def make_loader(split_dir: str | Path, tokenizer: Any, task: str, batch_size: in
                       shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
                       target_override=target_override, on_bad_sample=on_bad_sample, image_size=image_size,
                       max_source_len=max_source_len, max_target_len=max_target_len,
-                      aux_caption=aux_caption if train else 0.0, aux_grounding=aux_grounding if train else 0.0)
+                      aux_tasks=aux_tasks if train else None)
     return ShardLoader(ds, num_workers)
