@@ -145,7 +145,7 @@ def _candidates(info: Any, value: Any) -> list[Any]:
             k = next(iter(value))
             v = value[k]
             return [{**value, k: (not v) if isinstance(v, bool) else v + 1 if isinstance(v, int | float) else v}]
-        return [{"vqa": 1}, {"caption": 1}]
+        return [{"vqa": 1}, {"caption": 1}, {"caption": 0.5}]  # a count, a flag, or a share below 1
     return []
 
 
