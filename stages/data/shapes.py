@@ -203,12 +203,6 @@ _WORD = re.compile(r"[a-z]+")
 _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + ("es" if s == "cross" else "s"): s for s in SHAPES}}
 
 
-def scene_caption(objects: list[list], rng: np.random.Generator) -> str:
-    """A caption of a scene given as sample meta.objects rows [size, colour, shape, x0, y0, x1, y1]."""
-    objs = [Obj(str(r[0]), str(r[1]), str(r[2]), tuple(int(v) for v in r[3:7])) for r in objects]
-    return caption_variants(objs, rng, k=1)[0]
-
-
 def scene_sample(task: str, objects: list[list], image_size: int, rng: np.random.Generator, max_objects: int = 4
                  ) -> dict:
     """A fresh sample of `task` over a scene given as meta.objects rows [size, colour, shape, x0, y0, x1, y1]:
