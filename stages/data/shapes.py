@@ -203,22 +203,28 @@ _WORD = re.compile(r"[a-z]+")
 _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + ("es" if s == "cross" else "s"): s for s in SHAPES}}
 
 
+def task_fields(task: str, objs: list[Obj], rng: np.random.Generator, label_index: int, image_size: int,
+                max_objects: int) -> dict:
+    """The task's fields of one sample over the scene `objs` (references / question + answers + meta / expression +
+    box + meta / premise + hypothesis + label + meta); `label_index` % 3 picks the entailment label."""
+    if task == "caption":
+        return {"references": caption_variants(objs, rng, k=5)}
+    if task == "vqa":
+        return vqa_item(objs, rng, image_size)
+    if task == "grounding":
+        return grounding_item(objs, rng, image_size)
+    if task == "entailment":
+        return entailment_item(objs, rng, label_index, image_size, max_objects)
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_CODE)}")
+
+
 def scene_sample(task: str, objects: list[list], image_size: int, rng: np.random.Generator, max_objects: int = 4
                  ) -> dict:
     """A fresh sample of `task` over a scene given as meta.objects rows [size, colour, shape, x0, y0, x1, y1]:
     its task fields (references / question + answers / expression + box / premise + hypothesis + label), "task"
     and "image_size", drawn as the generator draws them (no image, id or prompt)."""
     objs = [Obj(str(r[0]), str(r[1]), str(r[2]), tuple(int(v) for v in r[3:7])) for r in objects]
-    if task == "caption":
-        fields = {"references": caption_variants(objs, rng, k=5)}
-    elif task == "vqa":
-        fields = vqa_item(objs, rng, image_size)
-    elif task == "grounding":
-        fields = grounding_item(objs, rng, image_size)
-    elif task == "entailment":
-        fields = entailment_item(objs, rng, int(rng.integers(3)), image_size, max_objects)
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_CODE)}")
+    fields = task_fields(task, objs, rng, int(rng.integers(3)), image_size, max_objects)
     fields.pop("meta", None)
     return {"task": task, "image_size": [image_size, image_size], **fields}
 
@@ -491,14 +497,7 @@ def sample_json(task: str, split: str, index: int, image_size: int, seed: int, m
     rng = _rng(seed, split, index, stream=_TASK_CODE[task])
     sample: dict = {"id": f"shapes-{task}-{split}-{index:07d}", "task": task,
                     "image_size": [image_size, image_size]}
-    if task == "caption":
-        fields = {"references": caption_variants(objs, rng, k=5)}
-    elif task == "vqa":
-        fields = vqa_item(objs, rng, image_size)
-    elif task == "grounding":
-        fields = grounding_item(objs, rng, image_size)
-    else:
-        fields = entailment_item(objs, rng, index, image_size, max_objects)
+    fields = task_fields(task, objs, rng, index, image_size, max_objects)
     meta = fields.pop("meta", {})
     sample.update(fields)
     sample["prompt"] = task_prompt(task, sample)
