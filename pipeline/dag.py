@@ -105,6 +105,7 @@ class Graph:
 
 def _nar_stage(cfg: PipelineConfig, task: str, train: NARTrainConfig) -> TrainNARStage:
     model = cfg.model.build(task, num_queries=train.num_queries[task], decoder_input=train.decoder_input)
+    train = train.model_copy(update={"kd": train.kd_for(task)})  # the stage sees its own task's KD setting
     return TrainNARStage(task=task, seed=cfg.seed, model=model, train=train, on_bad_sample=cfg.data.on_bad_sample)
 
 
@@ -147,14 +148,15 @@ def build_graph(cfg: PipelineConfig, versions: dict[str, int] | None = None) -> 
             add(Node(SHARED, "train_teacher", "train_teacher", teacher,
                      {k: (f"{task}/{v}" if "/" not in v else v) for k, v in teacher_inputs.items()}))
         teacher_node = SHARED_TEACHER if shared_teacher else "train_teacher"
-        add(Node(task, "distill", "distill", DistillStage(task=task, distill=cfg.distill),
-                 {"data": "prepare_data", "teacher": teacher_node}))
         variants: list[tuple[str | None, NARTrainConfig]] = [(None, cfg.train_nar)]
         variants += [(a, cfg.train_nar.model_copy(update=ABLATIONS[a])) for a in cfg.task_ablations(task)]
+        if any(train.kd_for(task) for _, train in variants):  # no distill node where no NARVL reads it
+            add(Node(task, "distill", "distill", DistillStage(task=task, distill=cfg.distill),
+                     {"data": "prepare_data", "teacher": teacher_node}))
         for ablation, train in variants:
             suffix = f"[{ablation}]" if ablation else ""
             inputs = {"data": "prepare_data", "teacher": teacher_node}
-            if train.kd:
+            if train.kd_for(task):
                 inputs["distill"] = "distill"
             add(Node(task, f"train_nar{suffix}", "train_nar", _nar_stage(cfg, task, train), inputs, ablation))
             if ablation is None:

@@ -123,7 +123,7 @@ class FakeStage:
         return self._train("train_teacher", cfg, inputs, out_dir, log)
 
     def _train_nar(self, cfg, inputs, out_dir, log) -> dict:
-        expected = {"data", "teacher"} | ({"distill"} if cfg.train.kd else set())
+        expected = {"data", "teacher"} | ({"distill"} if cfg.train.kd_for(cfg.task) else set())
         if set(inputs) != expected:
             raise ValueError(f"train_nar: inputs {sorted(inputs)} != {sorted(expected)}")
         return self._train("train_nar", cfg, inputs, out_dir, log)

@@ -162,7 +162,9 @@ class NARTrainConfig(TrainConfig):
         default_factory=lambda: {"caption": 24, "vqa": 6, "grounding": 5, "entailment": 2},
         description="LQT count per task (paper: caption 20, vqa 6, grounding 5, entailment 2)",
     )
-    kd: bool = Field(True, description="train on the teacher's decodes (knowledge distillation)")
+    kd: bool | dict[Task, bool] = Field(
+        True, description="train on the teacher's decodes (knowledge distillation): for every task, or per task (a "
+                          "task left out: no KD); the paper distils for captioning and VQA only")
     decoder_input: Literal["queries", "encoder"] = "queries"
     init_from_teacher: bool = True
     label_smoothing_by_task: dict[Task, float] = Field(default_factory=lambda: {"entailment": 0.0})
@@ -170,6 +172,10 @@ class NARTrainConfig(TrainConfig):
     # set (the Table-10 sweep's "too few queries" point); the infeasible targets are then left out of the loss
     # and counted (n_infeasible) as always. It changes no result by itself, so it stays out of cache keys.
     allow_infeasible_queries: Annotated[bool, Field(False, json_schema_extra=NoCache)]
+
+    def kd_for(self, task: str) -> bool:
+        """Whether `task`'s NARVL trains on the teacher's decodes."""
+        return self.kd if isinstance(self.kd, bool) else self.kd.get(task, False)
 
     @model_validator(mode="after")
     def _check_queries(self) -> NARTrainConfig:

@@ -59,9 +59,10 @@ def scan_feasibility(cfg: TrainNARStage, data_dir: Path, target_override: dict[s
 
 def job(cfg: TrainNARStage, inputs: Inputs, log: StageLog) -> tuple[TrainJob, dict]:
     """What every worker runs, and the stage's own figures for metrics.json (the Q-CTC feasibility scan)."""
-    if cfg.train.kd and inputs.distill is None:
-        raise ValueError("train_nar.kd=true needs the distill stage's output (inputs.distill)")
-    distill = inputs.distill if cfg.train.kd else None
+    kd = cfg.train.kd_for(cfg.task)
+    if kd and inputs.distill is None:
+        raise ValueError(f"train_nar.kd: KD for {cfg.task} needs the distill stage's output (inputs.distill)")
+    distill = inputs.distill if kd else None
     override = load_target_override(Path(distill) / DISTILLED) if distill else None
     scan = scan_feasibility(cfg, Path(inputs.data), override)
     if cfg.train.loss == "qctc" and scan["infeasible_targets"]:
@@ -73,7 +74,7 @@ def job(cfg: TrainNARStage, inputs: Inputs, log: StageLog) -> tuple[TrainJob, di
         log.info(f"Q-CTC feasibility: all {scan['targets']} targets fit {scan['num_queries']} queries")
     the_job = TrainJob("narvl", cfg.model_dump(mode="json"),
                        TrainInputs(data=inputs.data, teacher=inputs.teacher, distill=distill))
-    return the_job, {"feasibility": scan, "kd": cfg.train.kd, "loss": cfg.train.loss}
+    return the_job, {"feasibility": scan, "kd": kd, "loss": cfg.train.loss}
 
 
 def run(cfg: TrainNARStage, inputs: Inputs, out_dir: Path, log: StageLog) -> dict:

@@ -77,6 +77,24 @@ def test_graph_shape_and_ablations(fakes):
     assert len({x.key for x in n.values()}) == len(n)
 
 
+
+def test_kd_per_task(fakes):
+    """train_nar.kd per task (the paper: captioning and VQA only): no distill node where no NARVL reads it, and the
+    distilled tasks' nodes keep the keys they had with kd=true."""
+    per_task = dag.build_graph(config("tasks=[caption,vqa,grounding]", "train_nar.kd={caption: true, vqa: true}"))
+    everywhere = dag.build_graph(config("tasks=[caption,vqa,grounding]", "train_nar.kd=true"))
+    n = per_task.nodes
+    assert {i for i in n if i.endswith("/distill")} == {"caption/distill", "vqa/distill"}
+    assert n["grounding/train_nar"].inputs == {"data": "prepare_data", "teacher": "train_teacher"}
+    assert n["grounding/train_nar"].cfg.train.kd is False and n["vqa/train_nar"].cfg.train.kd is True
+    for i in ("caption/train_nar", "vqa/train_nar", "vqa/distill", "grounding/train_teacher"):
+        assert n[i].key == everywhere.nodes[i].key, i
+    assert n["grounding/train_nar"].key != everywhere.nodes["grounding/train_nar"].key
+    # the no_kd ablation of a task without KD trains what its main variant trains: the same config and key
+    ablated = dag.build_graph(config("tasks=[grounding]", "train_nar.kd={caption: true}", "ablations=[no_kd]"))
+    assert ablated.nodes["grounding/train_nar[no_kd]"].key == ablated.nodes["grounding/train_nar"].key
+    assert "grounding/distill" not in ablated.nodes
+
 def test_wiring_matches_each_stage_contract():
     """Every node's inputs are exactly the fields of its (real) stage's Inputs dataclass; optional ones may be
     left out."""

@@ -1,6 +1,7 @@
 """Requests nothing can serve fail at once with a message naming what was asked: a stage's resources the (real,
-local) Ray cluster does not have (checked for every planned stage before the first starts), a tracking store that does not answer. Before these checks the first ran
-"running" forever and the second was silent for minutes (MLflow's client retries)."""
+local) Ray cluster does not have (checked for every planned stage before the first starts), a tracking store that
+does not answer. Before these checks the first ran "running" forever and the second was silent for minutes (MLflow's
+client retries)."""
 
 from __future__ import annotations
 
