@@ -1,11 +1,14 @@
 """distill: the AR teacher decodes the whole training split (beam search); its outputs become NARVL's KD targets.
+It decodes the validation split too: a student trained on the teacher's outputs is validated against them (its
+checkpoint is picked by that loss), not against annotations whose wording it was never asked to follow.
 
 The split is decoded in `cfg.distill.num_actors` disjoint parts (the loader's rank/world split): `decode_part` is
 one part, which the pipeline fans out over Ray workers with the stage's resources; `run` decodes the parts it is not
 given in this process and writes the result.
 
-Writes `distilled.parquet` (id, target, reference, references, differs, length) and reports how many teacher
-outputs differ from the references (caption: from all of them) and their length distribution.
+Writes `distilled.parquet` (id, split, target, reference, references, differs, length; train and val rows) and
+reports how many teacher outputs on the training split differ from the references (caption: from all of them) and
+their length distribution.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from stages.common import StageLog, write_json_atomic
 from stages.config import DistillStage
 
-VERSION = 2
+VERSION = 3  # 3: the validation split is decoded too
 OUTPUT = "distilled.parquet"
 
 
@@ -28,8 +31,9 @@ class Inputs:
     teacher: Path  # train_teacher (checkpoint/)
 
 
-def decode_part(cfg: DistillStage, inputs: Inputs, rank: int, world_size: int, device: str = "auto") -> list[dict]:
-    """Decode part `rank` of `world_size` of the training split with the teacher; one row per sample."""
+def decode_part(cfg: DistillStage, inputs: Inputs, rank: int, world_size: int, device: str = "auto",
+                split: str = "train") -> list[dict]:
+    """Decode part `rank` of `world_size` of `split` with the teacher; one row per sample."""
     import torch
 
     from narvl_model.checkpoint import load_model
@@ -42,7 +46,7 @@ def decode_part(cfg: DistillStage, inputs: Inputs, rank: int, world_size: int, d
     tok = Tokenizer.load(Path(inputs.data) / "tokenizer")
     dev = pick_device(device)
     model = load_model(Path(inputs.teacher) / "checkpoint").to(dev).eval()
-    loader = make_loader(Path(inputs.data) / "train", tok, cfg.task, dc.batch_size, train=False, num_workers=0,
+    loader = make_loader(Path(inputs.data) / split, tok, cfg.task, dc.batch_size, train=False, num_workers=0,
                          rank=rank, world_size=world_size, image_size=model.cfg.image_size,
                          max_source_len=model.cfg.max_source_positions)
     rows = []
@@ -52,15 +56,16 @@ def decode_part(cfg: DistillStage, inputs: Inputs, rank: int, world_size: int, d
                                 beam_size=dc.beam_size, max_len=dc.max_len, no_repeat_ngram=dc.no_repeat_ngram)
             for key, sample, ids in zip(batch.ids, batch.samples, outs, strict=True):
                 refs = all_targets(sample, tok.num_bins)
-                rows.append({"id": key, "target": tok.decode(ids), "reference": eval_target(sample, tok.num_bins),
-                             "references": json.dumps(refs),
+                rows.append({"id": key, "split": split, "target": tok.decode(ids),
+                             "reference": eval_target(sample, tok.num_bins), "references": json.dumps(refs),
                              "differs": all(tok.encode(r) != list(ids) for r in refs), "length": len(ids)})
     return rows
 
 
 def run(cfg: DistillStage, inputs: Inputs, out_dir: Path, log: StageLog,
         parts: list[list[dict]] | None = None) -> dict:
-    """Decode the training split with the teacher (the parts not given, here) and write distilled.parquet.
+    """Decode the training split (the parts not given, here) and the validation split with the teacher; write
+    distilled.parquet.
 
     Args:
         cfg: task and decoding settings (beam size, max length, no-repeat n-gram for captions, parts).
@@ -83,11 +88,16 @@ def run(cfg: DistillStage, inputs: Inputs, out_dir: Path, log: StageLog,
     if len(parts) != n:
         raise ValueError(f"distill: {len(parts)} decoded parts given, expected {n}")
     rows = sorted((r for part in parts for r in part), key=lambda r: r["id"])
-    expected = count_samples(Path(inputs.data) / "train")
-    if len(rows) != expected or len({r["id"] for r in rows}) != len(rows):
-        raise RuntimeError(f"distill: {len(rows)} rows ({len({r['id'] for r in rows})} distinct) for "
-                           f"{expected} training samples")
-    pq.write_table(pa.Table.from_pylist(rows), out_dir / OUTPUT)
+    val = decode_part(cfg, inputs, 0, 1, split="val")  # a few hundred samples: here, not fanned out
+    for split, got in (("train", rows), ("val", val)):
+        expected = count_samples(Path(inputs.data) / split)
+        if len(got) != expected or len({r["id"] for r in got}) != len(got) or any(r["split"] != split for r in got):
+            raise RuntimeError(f"distill: {len(got)} rows ({len({r['id'] for r in got})} distinct) for "
+                               f"{expected} {split} samples")
+    if {r["id"] for r in rows} & {r["id"] for r in val}:
+        raise RuntimeError("distill: sample ids shared by the training and validation splits: the KD targets of "
+                           "one would replace the other's")
+    pq.write_table(pa.Table.from_pylist(rows + val), out_dir / OUTPUT)
     lengths = sorted(r["length"] for r in rows)
     differs = sum(r["differs"] for r in rows) / len(rows)
     summary = {
@@ -95,9 +105,9 @@ def run(cfg: DistillStage, inputs: Inputs, out_dir: Path, log: StageLog,
         "length_mean": sum(lengths) / len(rows), "length_p50": lengths[len(lengths) // 2],
         "length_p90": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))], "length_max": lengths[-1],
         "length_hist": {str(k): lengths.count(k) for k in sorted(set(lengths))},
-        "num_parts": n, "wall_s": time.perf_counter() - t0,
+        "num_parts": n, "n_val": len(val), "wall_s": time.perf_counter() - t0,
     }
-    summary["samples_per_s"] = len(rows) / summary["wall_s"]
+    summary["samples_per_s"] = (len(rows) + len(val)) / summary["wall_s"]
     write_json_atomic(out_dir / "distill_report.json", summary)
     log.metrics({f"distill/{k}": float(v) for k, v in summary.items() if not isinstance(v, dict)})
     log.info(f"distill {cfg.task}: {len(rows)} targets, {100 * differs:.1f}% differ from the references, "

@@ -410,8 +410,10 @@ def train_worker(job: TrainJob, ctx: WorkerContext) -> dict | None:
     def validate() -> dict[str, float]:
         engine.eval()
         loss_sum = n = exact = n_exact = 0.0
+        # a KD student is validated against the teacher's decodes of the validation split (distill writes them),
+        # what it is trained to produce; the annotations' wording would pick an early checkpoint
         loader = make_loader(data_dir / "val", tokenizer, stage_cfg.task, tc.batch_size, train=False,
-                             seed=stage_cfg.seed, epoch=0, target_override=None, max_target_len=max_tgt, **common)
+                             seed=stage_cfg.seed, epoch=0, target_override=override, max_target_len=max_tgt, **common)
         with torch.no_grad():
             for i, b in enumerate(loader):
                 b = _move(b, device)
