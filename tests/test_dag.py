@@ -77,7 +77,6 @@ def test_graph_shape_and_ablations(fakes):
     assert len({x.key for x in n.values()}) == len(n)
 
 
-
 def test_kd_per_task(fakes):
     """train_nar.kd per task (the paper: captioning and VQA only): no distill node where no NARVL reads it, and the
     distilled tasks' nodes keep the keys they had with kd=true."""
@@ -94,6 +93,7 @@ def test_kd_per_task(fakes):
     ablated = dag.build_graph(config("tasks=[grounding]", "train_nar.kd={caption: true}", "ablations=[no_kd]"))
     assert ablated.nodes["grounding/train_nar[no_kd]"].key == ablated.nodes["grounding/train_nar"].key
     assert "grounding/distill" not in ablated.nodes
+
 
 def test_wiring_matches_each_stage_contract():
     """Every node's inputs are exactly the fields of its (real) stage's Inputs dataclass; optional ones may be
